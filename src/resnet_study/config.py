@@ -1,0 +1,183 @@
+"""Typed, validated configuration and the paper's experiments as data.
+
+A run is fully described by three frozen dataclasses: what network (`ModelConfig`), what
+images (`DataConfig`) and how to train (`TrainConfig`). Each validates itself on
+construction, so a bad value fails before any data is read or any file is written.
+The twelve rows of the paper's Table 1 live in `experiments.toml` beside this file, as
+overrides of the defaults below; read that file to see every choice and its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad value, missing file); the CLI prints it as one line."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _check_choice(obj: Any) -> None:
+    """Validate every `Literal[...]` field of a dataclass against its allowed values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        value = getattr(obj, f.name)
+        _require(not allowed or value in allowed,
+                 f"{f.name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One ResNet-18 whose options span every architecture of the paper's Table 1."""
+
+    stem: Literal["imagenet", "cifar"] = "imagenet"  # 7x7/2 conv + max-pool, or 3x3/1 conv
+    block: Literal["post", "pre"] = "post"  # conv-BN-ReLU (original) or BN-ReLU-conv
+    width: int = 1  # k: stage widths 64k, 128k, 256k, 512k
+    shortcut_kernel: Literal[1, 3] = 1  # kernel of the projection shortcut conv
+    batch_norm: bool = True
+    block_dropout: float = 0.0  # inside each residual block, between its two convs
+    fc_dropout: float = 0.0  # before the final fully connected layer
+    pretrained: str | None = None  # "imagenet" or a path to a torchvision-format state dict
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
+        for name in ("block_dropout", "fc_dropout"):
+            p = getattr(self, name)
+            _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), not {p}")
+        _require(self.pretrained is None or (self.width == 1 and self.shortcut_kernel == 1
+                                              and self.block == "post" and self.batch_norm
+                                              and self.stem == "imagenet"),
+                 "pretrained weights exist only for the base architecture "
+                 "(imagenet stem, post-activation, width 1, 1x1 shortcut, batch norm)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str = "cifar100"  # cifar100, cifar10, synthetic, or a path (folder or .tar.gz)
+    subset: int | None = None  # train on the first N shuffled training images only
+    val_split: int = 0  # hold N training images out as a validation set
+    padding_mode: Literal["reflect", "zeros"] = "reflect"  # of the 4-pixel random-crop padding
+    normalize: Literal["pixel", "channel"] = "pixel"  # mean image (the paper) or channel mean
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _require(self.subset is None or self.subset > 0, f"subset must be > 0, not {self.subset}")
+        _require(self.val_split >= 0, f"val_split must be >= 0, not {self.val_split}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 256
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01  # the paper's "initial LR": OneCycleLR's max_lr
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.0  # 0 disables clipping
+    clip_mode: Literal["value", "norm"] = "value"  # the paper's "grad clip" is by value
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if present, else cpu
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, not {getattr(self, name)}")
+        _require(self.lr > 0, f"lr must be > 0, not {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), not {self.grad_clip}")
+        _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}")
+        _require(0 <= self.label_smoothing < 1,
+                 f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        _require(not (self.nesterov and self.optimizer != "sgd"), "nesterov applies to sgd only")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named run recipe: one row of the paper's Table 1, or the user's own."""
+
+    name: str
+    row: str  # the paper's label for this row of Table 1
+    notes: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def replace(self, **overrides: Any) -> Experiment:
+        """Return a copy with `section.field` overrides applied, validated like the original."""
+        sections = {s: {} for s in ("model", "data", "train")}
+        for key, value in overrides.items():
+            section = SECTION_OF.get(key)
+            _require(section is not None, f"unknown setting {key!r}")
+            sections[section][key] = value
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **kv)
+                                             for s, kv in sections.items() if kv})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
+                   model=_build(ModelConfig, d.get("model", {})),
+                   data=_build(DataConfig, d.get("data", {})),
+                   train=_build(TrainConfig, d.get("train", {})))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+
+
+def field_types(cls: type) -> dict[str, type]:
+    """The plain Python type of each field (`int | None` -> int), for parsing text overrides."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        origin = typing.get_origin(hint)
+        if origin is Literal:
+            out[name] = type(typing.get_args(hint)[0])
+        elif origin in (typing.Union, types.UnionType):
+            out[name] = next(a for a in typing.get_args(hint) if a is not type(None))
+        else:
+            out[name] = hint
+    return out
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
+def _load_experiments() -> dict[str, Experiment]:
+    text = resources.files(__package__).joinpath("experiments.toml").read_text()
+    return {name: Experiment.from_dict({"name": name, **spec})
+            for name, spec in tomllib.loads(text).items()}
+
+
+EXPERIMENTS: dict[str, Experiment] = _load_experiments()
+BASE_EXPERIMENT = "resnet18-lr0.01"
+
+
+def get_experiment(name: str) -> Experiment:
+    _require(name in EXPERIMENTS,
+             f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]

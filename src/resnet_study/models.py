@@ -1,0 +1,187 @@
+"""One configurable ResNet-18 covering every architecture in the paper's Table 1.
+
+Layer names follow torchvision's `resnet18` (`conv1`, `bn1`, `layer1..4`, `downsample`, `fc`)
+so that the base configuration loads torchvision's ImageNet weights unchanged and users can
+move state dicts between the two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, UsageError, get_experiment
+
+# torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
+# does not pull in torchvision.
+IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+STAGE_WIDTHS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = 2  # ResNet-18
+
+
+def _norm(channels: int, enabled: bool) -> nn.Module:
+    # Identity keeps the forward code identical with and without batch norm; it has no
+    # parameters, so "no BN" removes exactly the BN parameters (the paper's 11,218,212).
+    return nn.BatchNorm2d(channels) if enabled else nn.Identity()
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation block (conv-BN-ReLU), as in He et al. 2016 and torchvision."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.conv1 = _conv(inplanes, planes, 3, stride)
+        self.bn1 = _norm(planes, cfg.batch_norm)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(cfg.block_dropout) if cfg.block_dropout else nn.Identity()
+        self.conv2 = _conv(planes, planes, 3)
+        self.bn2 = _norm(planes, cfg.batch_norm)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                _conv(inplanes, planes, cfg.shortcut_kernel, stride), _norm(planes, cfg.batch_norm)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.dropout(self.relu(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (BN-ReLU-conv), He et al. 2016b; the shortcut gets BN before its conv.
+
+    The shortcut's BN sits on the block input, as the paper describes, which is what makes
+    the pre-activation model 11,226,020 parameters.
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.bn1 = _norm(inplanes, cfg.batch_norm)
+        self.relu = nn.ReLU()
+        self.conv1 = _conv(inplanes, planes, 3, stride)
+        self.bn2 = _norm(planes, cfg.batch_norm)
+        self.dropout = nn.Dropout(cfg.block_dropout) if cfg.block_dropout else nn.Identity()
+        self.conv2 = _conv(planes, planes, 3)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                _norm(inplanes, cfg.batch_norm), _conv(inplanes, planes, cfg.shortcut_kernel, stride)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv1(self.relu(self.bn1(x)))
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return out + identity
+
+
+class ResNet18(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int = 100) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = _conv(3, 64, 3)
+            self.maxpool = nn.Identity()
+        self.bn1 = _norm(64, cfg.batch_norm)
+        self.relu = nn.ReLU(inplace=True)
+
+        block = BasicBlock if cfg.block == "post" else PreActBlock
+        inplanes = 64  # the stem stays at 64 channels whatever the width multiplier
+        for i, base_width in enumerate(STAGE_WIDTHS):
+            planes = base_width * cfg.width
+            blocks = []
+            for j in range(BLOCKS_PER_STAGE):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(inplanes, planes, stride, cfg))
+                inplanes = planes
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        # Pre-activation blocks end on a sum; one ReLU (no BN, which would change the
+        # parameter count) gives the classifier rectified features as in the post variant.
+        self.final_relu = nn.ReLU() if cfg.block == "pre" else nn.Identity()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.fc_dropout) if cfg.fc_dropout else nn.Identity()
+        self.fc = nn.Linear(inplanes, num_classes)
+
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(self.final_relu(x)), 1)
+        return self.fc(self.dropout(x))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torch.hub keeps (and looks for) the downloaded ImageNet weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_URL.rsplit("/", 1)[1]
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    path = imagenet_weights_path()
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(IMAGENET_WEIGHTS_URL, str(path), progress=True)
+        except Exception as e:  # offline, proxy, DNS: all mean the same thing to the user
+            raise UsageError(
+                f"could not download ImageNet weights ({type(e).__name__}); to work offline, "
+                f"place {IMAGENET_WEIGHTS_URL} at {path}, or pass a local state dict path "
+                f"as pretrained") from None
+    return _load_state_dict(path)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UsageError(f"pretrained weights file {path} does not exist")
+    try:
+        # weights_only: a weights file is data; never let it run code when loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a loadable state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path}: expected a torchvision-format state dict of tensors")
+    return state
+
+
+def load_pretrained(model: ResNet18, source: str) -> None:
+    """Load torchvision-format resnet18 weights into everything but the classifier."""
+    state = _imagenet_state_dict() if source == "imagenet" else _load_state_dict(Path(source))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    bad = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
+    missing = sorted(k for k in own if not k.startswith("fc.") and k not in state)
+    if bad or missing:
+        raise UsageError(f"{source}: not a resnet18 state dict "
+                         f"(first mismatch: {(bad + missing)[0]})")
+    model.load_state_dict(state, strict=False)  # fc keeps its fresh initialisation
+
+
+def build_model(spec: str | ModelConfig, num_classes: int = 100) -> ResNet18:
+    """Build an experiment's network by name, or any `ModelConfig`; loads pretrained weights."""
+    cfg = get_experiment(spec).model if isinstance(spec, str) else spec
+    model = ResNet18(cfg, num_classes)
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained)
+    return model
+
