@@ -29,12 +29,10 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_choice(obj: Any) -> None:
     """Validate every `Literal[...]` field of a dataclass against its allowed values."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-        value = getattr(obj, f.name)
-        _require(not allowed or value in allowed,
-                 f"{f.name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    for name, spec in field_specs(type(obj)).items():
+        value = getattr(obj, name)
+        _require(not spec.choices or value in spec.choices,
+                 f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -146,17 +144,25 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 
 
-def field_types(cls: type) -> dict[str, type]:
-    """The plain Python type of each field (`int | None` -> int), for parsing text overrides."""
+@dataclass(frozen=True)
+class FieldSpec:
+    """How to read a config field from text: its plain type, allowed values, whether None is ok."""
+
+    kind: type
+    choices: tuple = ()
+    optional: bool = False
+
+
+def field_specs(cls: type) -> dict[str, FieldSpec]:
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
-        origin = typing.get_origin(hint)
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
         if origin is Literal:
-            out[name] = type(typing.get_args(hint)[0])
+            out[name] = FieldSpec(type(args[0]), args)
         elif origin in (typing.Union, types.UnionType):
-            out[name] = next(a for a in typing.get_args(hint) if a is not type(None))
+            out[name] = FieldSpec(next(a for a in args if a is not type(None)), optional=True)
         else:
-            out[name] = hint
+            out[name] = FieldSpec(hint)
     return out
 
 

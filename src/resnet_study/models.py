@@ -72,9 +72,8 @@ class PreActBlock(nn.Module):
         self.conv2 = _conv(planes, planes, 3)
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                _norm(inplanes, cfg.batch_norm), _conv(inplanes, planes, cfg.shortcut_kernel, stride)
-            )
+            self.downsample = nn.Sequential(_norm(inplanes, cfg.batch_norm),
+                                            _conv(inplanes, planes, cfg.shortcut_kernel, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -1,0 +1,185 @@
+"""`resnet-study` command line: list experiments, train one, evaluate a run.
+
+Every field of the model, data and train configs is a `--flag` of `train`, generated from
+the dataclasses, so a preset value can always be overridden and the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import EXPERIMENTS, SECTIONS, Experiment, UsageError, field_specs, get_experiment
+
+EXIT_USAGE = 2
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per config field; only flags given on the command line reach the run."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings (override the experiment)")
+        specs = field_specs(cls)
+        for f in dataclasses.fields(cls):
+            spec = specs[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {f.default}")
+            if spec.kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                group.add_argument(flag, choices=spec.choices or None,
+                                   type=_parse_optional(spec.kind) if spec.optional else spec.kind,
+                                   **kw)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    fields = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in fields}
+
+
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
+    return get_experiment(args.experiment).replace(**config_overrides(args))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument costs one line on stderr, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="resnet-study",
+        description="Reproduce and extend the improved ResNet-18 CIFAR-100 study.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("experiments", help="list the paper's experiments")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = sub.add_parser("train", help="train one experiment",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", help="experiment name (see `resnet-study experiments`)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<experiment>/seed-<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
+    add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on the test set")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", help="data to evaluate on (default: the run's)")
+    p.add_argument("--device", help="device (default: the run's)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import ResNet18, count_params
+
+    rows = []
+    for name, exp in EXPERIMENTS.items():
+        with torch.device("meta"):  # count parameters without allocating 50M floats
+            params = count_params(ResNet18(exp.model, num_classes=100))
+        t = exp.train
+        rows.append({"name": name, "row": exp.row, "params": params,
+                     "model": _describe_model(exp), "optimizer": t.optimizer, "lr": t.lr,
+                     "grad_clip": f"{t.grad_clip} ({t.clip_mode})" if t.grad_clip else "none",
+                     "epochs": t.epochs, "batch_size": t.batch_size, "notes": exp.notes})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "model", "params", "optimizer", "lr", "grad_clip", "epochs"]
+    table = [[f"{r[c]:,}" if c == "params" else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    for line in [cols, ["-" * w for w in widths], *table]:
+        print("  ".join(v.rjust(w) if c == "params" else v.ljust(w)
+                        for v, w, c in zip(line, widths, cols, strict=True)).rstrip())
+    return 0
+
+
+def _describe_model(exp: Experiment) -> str:
+    m = exp.model
+    parts = ["ResNet-18"]
+    parts += [f"k={m.width}"] if m.width != 1 else []
+    parts += ["3x3-shortcut"] if m.shortcut_kernel == 3 else []
+    parts += ["pre-act"] if m.block == "pre" else []
+    parts += ["no-BN"] if not m.batch_norm else []
+    if m.block_dropout or m.fc_dropout:
+        parts.append(f"dropout {m.block_dropout}/{m.fc_dropout}")
+    parts += [f"{m.stem}-stem"] if m.stem != "imagenet" else []
+    parts += [f"pretrained:{m.pretrained}"] if m.pretrained else []
+    return " ".join(parts)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    exp = experiment_from_args(args)
+    from .train import EXIT_DIVERGED, train
+
+    out = args.out or Path("runs") / exp.name / f"seed-{exp.train.seed}"
+    summary = train(exp, out, resume=args.resume, quiet=args.quiet)
+    print(json.dumps({k: summary[k] for k in ("experiment", "status", "test_top1", "test_top5",
+                                              "train_seconds")}))
+    return 0 if summary["status"] == "completed" else EXIT_DIVERGED
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import build_model
+    from .train import autocast_dtype, evaluate, load_checkpoint, make_splits, resolve_device
+
+    config = args.run_dir / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{args.run_dir} is not a run directory (no config.json)")
+    try:
+        exp = Experiment.from_dict(json.loads(config.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
+    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", args.data),
+                                                             ("device", args.device)) if v})
+    ckpt = load_checkpoint(args.run_dir / "checkpoint.pt")
+    device = resolve_device(exp.train.device)
+    splits = make_splits(exp.data, exp.train, device, progress=not args.json)
+    model = build_model(exp.model, len(splits.images.classes))
+    model.load_state_dict(ckpt["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    result = evaluate(model, splits.test, autocast_dtype(exp.train.precision, device))
+    result = {"run": str(args.run_dir), "epoch": ckpt["epoch"], "data": splits.images.name,
+              "test_loss": result["loss"], "test_top1": result["top1"], "test_top5": result["top5"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.run_dir} (epoch {result['epoch']}, {result['data']}): test loss "
+              f"{result['test_loss']:.4f}  top-1 {result['test_top1']:.4f}  "
+              f"top-5 {result['test_top5']:.4f}")
+    return 0
+
+
+COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"resnet-study: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("resnet-study: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The paper's training recipe: one-cycle LR per batch, checkpoints every epoch, exact resume.
+
+The loop keeps the device busy: data and augmentation already live on the device
+(`data.DeviceLoader`), and the loss is read back to the host only every `LOG_EVERY` steps
+(for the progress bar and the divergence check), never once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data as datalib
+from .config import DataConfig, Experiment, TrainConfig, UsageError
+from .files import atomic_write, write_csv, write_json
+from .models import build_model, count_params
+
+LOG_EVERY = 20  # steps between host reads of the loss
+METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
+           "images_per_second"]
+VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
+# Settings that change how fast a run goes but not what it computes: a resume may change them.
+RUNTIME_FIELDS = {"device", "compile", "eval_batch_size"}
+EXIT_DIVERGED = 3
+
+
+# --- device and precision -------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32. bf16 needs no loss scaling, so it is preferred."""
+    if precision == "auto":
+        bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else (torch.float16 if device.type == "cuda" else None)
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_determinism(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# --- data -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Splits:
+    images: datalib.ImageSet
+    train: datalib.DeviceLoader
+    test: datalib.DeviceLoader
+    val: datalib.DeviceLoader | None
+
+
+def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
+                progress: bool = True) -> Splits:
+    """Load the images, carve out validation and subset, and put every split on the device."""
+    images = datalib.load_images(cfg.data, progress=progress)
+    x, y = images.train_images, images.train_labels
+    val = None
+    if cfg.val_split:
+        if cfg.val_split >= len(y):
+            raise UsageError(f"val_split {cfg.val_split} leaves no training images "
+                             f"(the training set has {len(y)})")
+        val, (x, y) = datalib.split(x, y, cfg.val_split, seed=train_cfg.seed)
+    if cfg.subset is not None and cfg.subset < len(y):
+        (x, y), _ = datalib.split(x, y, cfg.subset, seed=train_cfg.seed)
+    if train_cfg.batch_size > len(y):
+        raise UsageError(f"batch_size {train_cfg.batch_size} is larger than the "
+                         f"{len(y)} training images")
+    mean, std = datalib.normalization(x, cfg.normalize)
+    common = dict(batch_size=train_cfg.batch_size, device=device, mean=mean, std=std,
+                  channels_last=train_cfg.channels_last)
+    evaluation = dict(common, batch_size=train_cfg.eval_batch_size, augment=False)
+    return Splits(
+        images=images,
+        train=datalib.DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
+                                   seed=train_cfg.seed, **common),
+        test=datalib.DeviceLoader(images.test_images, images.test_labels, **evaluation),
+        val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
+    )
+
+
+# --- optimisation -----------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    fused = {"foreach": True}  # one kernel per parameter group, not per tensor
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The paper's "one cycle policy", stepped every batch; its "initial LR" is max_lr."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
+                                               steps_per_epoch=steps_per_epoch)
+
+
+def clip_gradients(model: nn.Module, cfg: TrainConfig) -> None:
+    if cfg.grad_clip and cfg.clip_mode == "value":
+        nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
+    elif cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: datalib.DeviceLoader,
+             amp: torch.dtype | None) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy over a whole split (sums kept on the device)."""
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros(2, device=device, dtype=torch.int64)
+    for x, y in loader.epoch(0):
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == y[:, None]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+    model.train(was_training)
+    n = loader.num_images
+    top1, top5 = (correct.double() / n).tolist()
+    return {"loss": loss.item() / n, "top1": top1, "top5": top5}
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "pos": int(np_state[2])}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32),
+                         state["numpy"]["pos"], 0, 0.0))
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; run without --resume to start the run")
+    try:
+        # weights_only: a checkpoint is data; loading one must never run code.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a resnet-study checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "experiment", "epoch"} <= set(ckpt):
+        raise UsageError(f"{path}: not a resnet-study checkpoint")
+    return ckpt
+
+
+def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) -> None:
+    """Refuse to resume a run under settings that would change what it computes."""
+    now = exp.to_dict()
+    for section in ("model", "data", "train"):
+        for key, value in now[section].items():
+            old = saved.get(section, {}).get(key)
+            if key not in RUNTIME_FIELDS and old != value:
+                raise UsageError(
+                    f"{path} was written by experiment {saved.get('name')!r} with {key}={old!r}, "
+                    f"not {value!r}; resume with the same settings or choose another --out")
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train one experiment into `out`; return the summary also written to summary.json."""
+    cfg = exp.train
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+    if not resume and ckpt_path.exists():
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it "
+                         "or choose another --out")
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    set_determinism(cfg)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_experiment(ckpt["experiment"], exp, ckpt_path)
+
+    splits = make_splits(exp.data, cfg, device, progress=not quiet)
+    num_classes = len(splits.images.classes)
+    model = build_model(exp.model if ckpt is None else
+                        dataclasses.replace(exp.model, pretrained=None), num_classes)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(splits.train))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    start_epoch, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+    step_model = torch.compile(model) if cfg.compile else model
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", exp.to_dict())
+    columns = METRICS + (VAL_METRICS if splits.val else [])
+    params = count_params(model)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write
+    log(f"{exp.name}: {params:,} parameters, {splits.train.num_images:,} training images "
+        f"({splits.images.name}), {device.type}, "
+        f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}, "
+        f"epochs {start_epoch + 1}-{cfg.epochs} of {cfg.epochs}")
+
+    def summary(status: str, **extra: Any) -> dict:
+        last = history[-1] if history else {}
+        s = {"experiment": exp.name, "status": status, "params": params,
+             "epochs": len(history), "test_top1": last.get("test_top1"),
+             "test_top5": last.get("test_top5"),
+             "train_seconds": sum(r["epoch_seconds"] for r in history),
+             "images_per_second": (sum(r["images_per_second"] for r in history) / len(history)
+                                   if history else None),
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "torch": torch.__version__, "git_commit": git_commit(),
+             "dataset": splits.images.name, **extra}
+        write_json(out / "summary.json", s)
+        return s
+
+    tb = _tensorboard(out)
+    model.train()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            row, diverged = _train_epoch(step_model, optimizer, scheduler, scaler, splits, cfg,
+                                         epoch, device, amp, quiet)
+            if diverged:
+                log(f"{exp.name}: diverged in epoch {epoch + 1} (non-finite loss); "
+                    "lower --lr or set --grad-clip")
+                return summary("diverged", diverged_epoch=epoch + 1)
+            history.append(row)
+            write_csv(out / "metrics.csv", history, columns)
+            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                            rng=rng_state(), epoch=epoch + 1, history=history,
+                            experiment=exp.to_dict())
+            if tb:
+                for k, v in row.items():
+                    tb.add_scalar(k, v, epoch + 1)
+            log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
+                f"test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.4f}  "
+                f"top-5 {row['test_top5']:.4f}  {row['images_per_second']:,.0f} img/s  "
+                f"{row['epoch_seconds']:.1f} s")
+    except Exception as e:
+        summary("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if tb:
+            tb.close()
+    return summary("completed")
+
+
+def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: TrainConfig,
+                 epoch: int, device: torch.device, amp, quiet: bool) -> tuple[dict, bool]:
+    loader = splits.train
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+               leave=False, disable=quiet, dynamic_ncols=True)
+    for step, (x, y) in enumerate(loader.epoch(epoch)):
+        with autocast(device, amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            clip_gradients(model, cfg)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        bar.update()
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
+            running = loss_sum.item() / seen  # the one host sync every LOG_EVERY steps
+            if not math.isfinite(running):
+                bar.close()
+                return {}, True
+            bar.set_postfix(loss=f"{running:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):,.0f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
+    bar.close()
+    test = evaluate(model, splits.test, amp)
+    row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "test_loss": test["loss"],
+           "test_top1": test["top1"], "test_top5": test["top5"],
+           "lr": scheduler.get_last_lr()[0],
+           "epoch_seconds": time.perf_counter() - start,
+           "images_per_second": seen / train_seconds}
+    if splits.val:
+        val = evaluate(model, splits.val, amp)
+        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+    return row, False
+

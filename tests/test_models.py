@@ -1,0 +1,148 @@
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from resnet_study import EXPERIMENTS, ModelConfig, UsageError, build_model, count_params
+from resnet_study.models import ResNet18, imagenet_weights_path
+
+# Table 1 of the paper, 100 classes.
+PAPER_PARAMS = {
+    "resnet18-lr0.1": 11_227_812,
+    "resnet18-lr0.01": 11_227_812,
+    "resnet18-lr0.001": 11_227_812,
+    "resnet18-wide": 44_695_716,
+    "resnet18-3x3-shortcut": 12_604_068,
+    "resnet18-preact": 11_226_020,
+    "resnet18-no-bn": 11_218_212,
+    "resnet18-dropout": 11_227_812,
+    "resnet18-adam": 11_227_812,
+    "resnet18-adam-clip": 11_227_812,
+    "resnet18-pretrained": 11_227_812,
+    "new-wide-resnet18": 50_266_276,
+}
+
+
+def test_every_paper_row_is_an_experiment():
+    assert set(EXPERIMENTS) == set(PAPER_PARAMS)
+
+
+@pytest.mark.parametrize("name", PAPER_PARAMS)
+def test_parameter_count_equals_paper(name):
+    with torch.device("meta"):
+        model = ResNet18(EXPERIMENTS[name].model, num_classes=100)
+    assert count_params(model) == PAPER_PARAMS[name]
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(), ModelConfig(block="pre"), ModelConfig(width=2, shortcut_kernel=3),
+    ModelConfig(batch_norm=False, block_dropout=0.2, fc_dropout=0.5), ModelConfig(stem="cifar"),
+])
+def test_forward_and_backward_shapes(cfg):
+    model = ResNet18(cfg, num_classes=7)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_base_model_is_torchvision_state_dict_compatible():
+    ours = build_model("resnet18-lr0.01", num_classes=100)
+    theirs = torchvision.models.resnet18(num_classes=100)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    theirs.load_state_dict(a)
+    x = torch.randn(4, 3, 32, 32)
+    for train in (False, True):
+        ours.train(train)
+        theirs.train(train)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_preact_shortcut_has_bn_before_conv_and_no_final_bn():
+    model = ResNet18(ModelConfig(block="pre"))
+    ds = model.layer2[0].downsample
+    assert isinstance(ds[0], nn.BatchNorm2d) and ds[0].num_features == 64
+    assert isinstance(ds[1], nn.Conv2d) and ds[1].kernel_size == (1, 1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.final_relu.modules())
+
+
+def test_wide_model_projects_layer1_and_keeps_stem_at_64():
+    model = ResNet18(ModelConfig(width=2))
+    assert model.conv1.out_channels == 64
+    assert model.layer1[0].downsample[0].out_channels == 128
+    assert model.fc.in_features == 1024
+
+
+def test_no_bn_removes_every_batch_norm_and_keeps_convs_bias_free():
+    model = ResNet18(ModelConfig(batch_norm=False))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_dropout_is_active_only_in_training():
+    model = ResNet18(ModelConfig(block_dropout=0.2, fc_dropout=0.5))
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_pretrained_path_loads_all_but_fc(tmp_path):
+    source = torchvision.models.resnet18()  # 1000-class ImageNet head
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model(ModelConfig(pretrained=str(path)), num_classes=100)
+    assert model.fc.out_features == 100
+    torch.testing.assert_close(model.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+    torch.testing.assert_close(model.bn1.running_var, source.bn1.running_var)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, (str(_Payload.marker), "w"))
+
+
+def test_pretrained_file_with_pickle_payload_is_refused(tmp_path):
+    _Payload.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1.weight": _Payload()}, f)
+    with pytest.raises(UsageError, match="not a loadable state dict"):
+        build_model(ModelConfig(pretrained=str(path)))
+    assert not _Payload.marker.exists()
+
+
+def test_pretrained_with_wrong_architecture_is_refused(tmp_path):
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(UsageError, match="not a resnet18 state dict"):
+        build_model(ModelConfig(pretrained=str(path)))
+
+
+def test_imagenet_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+                        "http://127.0.0.1:9/resnet18-f37072fd.pth")  # discard port: refused
+    with pytest.raises(UsageError) as err:
+        build_model("resnet18-pretrained")
+    assert str(imagenet_weights_path()) in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_imagenet_weights_found_in_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    source = torchvision.models.resnet18()
+    imagenet_weights_path().parent.mkdir(parents=True)
+    torch.save(source.state_dict(), imagenet_weights_path())
+    model = build_model("resnet18-pretrained")
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+
+
+def test_pretrained_only_for_the_base_architecture():
+    with pytest.raises(UsageError, match="base architecture"):
+        ModelConfig(width=2, pretrained="imagenet")
