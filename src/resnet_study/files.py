@@ -7,22 +7,25 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+@contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
     """Write through a temp file in the same folder, fsync, then rename over `path`.
 
     The rename is atomic on POSIX, so `path` holds either the old or the new content,
     whenever the process is killed; the old file survives a failed write (e.g. disk full).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,7 +35,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    with atomic_open(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
@@ -40,4 +44,5 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    with atomic_open(path) as f:
+        f.write(text.getvalue().encode())

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import data as datalib
 from .config import DataConfig, Experiment, TrainConfig, UsageError
-from .files import atomic_write, write_csv, write_json
+from .files import atomic_open, write_csv, write_json
 from .models import build_model, count_params
 
 LOG_EVERY = 20  # steps between host reads of the loss
@@ -55,10 +55,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32. bf16 needs no loss scaling, so it is preferred."""
+    """The autocast dtype, or None for float32. bf16 needs no loss scaling, so it is preferred.
+
+    `auto` picks bf16 only where the hardware computes it natively: on a CPU without
+    AVX512-BF16 or AMX, oneDNN emulates bf16 and a training step runs about 8x slower than
+    float32 (measured on an AVX2-only EPYC, benchmarks/RESULTS.md).
+    """
     if precision == "auto":
-        bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else (torch.float16 if device.type == "cuda" else None)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else None
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -190,7 +197,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

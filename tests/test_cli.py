@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from resnet_study.cli import main
+
+from .test_models import PAPER_PARAMS
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "resnet_study", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_experiments_json_lists_every_row_with_paper_counts(capsys):
+    assert main(["experiments", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"]: r["params"] for r in rows} == PAPER_PARAMS
+
+
+def test_experiments_table_is_readable(capsys):
+    assert main(["experiments"]) == 0
+    out = capsys.readouterr().out
+    assert "50,266,276" in out and "new-wide-resnet18" in out and "adam" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "resnet19"], "unknown experiment"),
+    (["train", "resnet18-lr0.01", "--lr", "-1"], "lr must be > 0"),
+    (["train", "resnet18-lr0.01", "--epochs", "0"], "epochs must be > 0"),
+    (["train", "resnet18-lr0.01", "--batch-size", "0"], "batch_size must be > 0"),
+    (["train", "resnet18-lr0.01", "--block", "sideways"], "invalid choice"),
+    (["train", "resnet18-lr0.01", "--data", "/no/such/data"], "does not exist"),
+    (["train", "resnet18-lr0.01", "--data", "synthetic", "--batch-size", "99999"],
+     "larger than"),
+    (["train", "resnet18-lr0.01", "--device", "cuda:3"], "CUDA is not available"),
+    (["evaluate", "/no/such/run"], "not a run directory"),
+])
+def test_bad_input_is_one_line_on_stderr(args, message, tmp_path):
+    result = run_cli(*args, "--out", str(tmp_path / "run")) if args[0] == "train" else run_cli(
+        *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_then_evaluate_reproduces_the_final_accuracy(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "resnet18-lr0.01", "--data", "synthetic", "--subset", "256",
+                     "--batch-size", "128", "--epochs", "1", "--out", str(run), "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed"
+    assert "epoch   1/1" in result.stderr
+    evaluated = run_cli("evaluate", str(run), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test_top1"] == pytest.approx(summary["test_top1"],
+                                                                      abs=1e-6)
+
+
+def test_divergence_exits_with_its_own_status(tmp_path):
+    result = run_cli("train", "resnet18-no-bn", "--data", "synthetic", "--subset", "256",
+                     "--batch-size", "128", "--epochs", "1", "--lr", "1e6", "--quiet",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 3
+    assert "diverged" in result.stderr
+    assert json.loads(result.stdout)["status"] == "diverged"

@@ -1,0 +1,152 @@
+import csv
+import json
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from resnet_study import UsageError
+from resnet_study import train as trainlib
+from resnet_study.config import get_experiment
+from resnet_study.train import train
+
+# Small but real: the paper's network on 512 synthetic images, a few steps per epoch.
+FAST = dict(data="synthetic", subset=512, batch_size=128, eval_batch_size=500, epochs=2)
+
+
+def fast(name="resnet18-lr0.01", **overrides):
+    return get_experiment(name).replace(**{**FAST, **overrides})
+
+
+def read_metrics(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timings(rows):
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_second")}
+            for r in rows]
+
+
+def test_run_directory_has_metrics_config_summary_and_checkpoint(tmp_path):
+    summary = train(fast(), tmp_path, quiet=True)
+    assert summary["status"] == "completed"
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("experiment", "status", "params", "epochs", "test_top1", "test_top5",
+                "train_seconds", "images_per_second", "device", "torch", "git_commit"):
+        assert key in summary
+    assert summary["params"] == 11_181_642  # the base model with 10 classes
+    assert summary["epochs"] == 2
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == trainlib.METRICS
+    assert float(rows[-1]["test_top1"]) == pytest.approx(summary["test_top1"])
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == "resnet18-lr0.01"
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_lr_follows_one_cycle_stepped_every_batch(tmp_path):
+    exp = fast(lr=0.05, epochs=3)
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        train(exp, tmp_path, quiet=True)
+    finally:
+        hook.remove()
+    steps = 3 * (512 // 128)
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.05, total_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert max(seen) <= 0.05 and seen.index(max(seen)) < 0.4 * steps
+
+
+def test_learns_the_synthetic_task(tmp_path):
+    summary = train(fast(subset=2048, epochs=3, lr=0.05), tmp_path, quiet=True)
+    assert summary["test_top1"] > 0.5  # 10 classes: chance is 0.1
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
+    exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2)
+    full = train(exp, tmp_path / "full", quiet=True)
+
+    real_epoch = trainlib._train_epoch
+
+    def crash_in_third_epoch(*args, **kwargs):
+        if args[6] == 2:  # the epoch index
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainlib, "_train_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, tmp_path / "cut", quiet=True)
+    assert len(read_metrics(tmp_path / "cut")) == 2
+    monkeypatch.setattr(trainlib, "_train_epoch", real_epoch)
+    resumed = train(exp, tmp_path / "cut", resume=True, quiet=True)
+
+    assert without_timings(read_metrics(tmp_path / "cut")) == without_timings(
+        read_metrics(tmp_path / "full"))
+    assert resumed["test_top1"] == full["test_top1"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    train(fast(epochs=1), tmp_path, quiet=True)
+    before = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(UsageError, match="--resume"):
+        train(fast(epochs=1), tmp_path, quiet=True)
+    assert (tmp_path / "metrics.csv").read_text() == before
+
+
+def test_resume_refuses_another_experiment(tmp_path):
+    train(fast(epochs=1), tmp_path, quiet=True)
+    with pytest.raises(UsageError, match="optimizer"):
+        train(fast("resnet18-adam", epochs=1), tmp_path, resume=True, quiet=True)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(fast(), tmp_path, resume=True, quiet=True)
+
+
+def test_non_finite_loss_is_recorded_as_diverged(tmp_path):
+    summary = train(fast("resnet18-no-bn", lr=1e6, epochs=2), tmp_path, quiet=True)
+    assert summary["status"] == "diverged"
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_validation_split_adds_columns_and_shrinks_training_set(tmp_path, monkeypatch):
+    exp = fast(epochs=1, subset=None, val_split=1000)
+    seen = []
+    real = trainlib.make_splits
+
+    def spy(*args, **kwargs):
+        splits = real(*args, **kwargs)
+        seen.append((splits.train.num_images, splits.val.num_images))
+        return splits
+
+    monkeypatch.setattr(trainlib, "make_splits", spy)
+    train(exp, tmp_path, quiet=True)
+    assert seen == [(4000, 1000)]
+    row = read_metrics(tmp_path)[0]
+    assert 0 <= float(row["val_top1"]) <= 1 and float(row["val_loss"]) > 0
+
+
+def test_adam_with_norm_clipping_and_fp32_runs(tmp_path):
+    exp = fast("resnet18-adam-clip", epochs=1, clip_mode="norm", grad_clip=1.0, precision="fp32")
+    assert train(exp, tmp_path, quiet=True)["status"] == "completed"
+
+
+def test_batch_larger_than_dataset_is_an_error(tmp_path):
+    with pytest.raises(UsageError, match="larger than"):
+        train(fast(batch_size=1024), tmp_path, quiet=True)
+    assert not (tmp_path / "config.json").exists()
