@@ -68,3 +68,11 @@ def test_divergence_exits_with_its_own_status(tmp_path):
     assert result.returncode == 3
     assert "diverged" in result.stderr
     assert json.loads(result.stdout)["status"] == "diverged"
+
+
+def test_bench_reports_both_rates(capsys):
+    assert main(["bench", "--batch-size", "16", "--batches", "1", "--windows", "1",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["compute"] > 0 and result["project"] > 0
+    assert result["project_over_compute"] == pytest.approx(result["project"] / result["compute"])

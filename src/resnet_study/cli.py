@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
     add_config_flags(p)
 
+    p = sub.add_parser("bench", help="images/s of the training loop against the bare step",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", nargs="?", default="resnet18-lr0.01")
+    p.add_argument("--batches", type=int, default=10, help="batches per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    p.add_argument("--json", action="store_true")
+    add_config_flags(p)  # --data defaults to synthetic here: speed does not depend on pixels
+
     p = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on the test set")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", help="data to evaluate on (default: the run's)")
@@ -133,6 +141,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else EXIT_DIVERGED
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.batches < 1 or args.windows < 1:
+        raise UsageError("--batches and --windows must be >= 1")
+    exp = get_experiment(args.experiment).replace(
+        **{"data": "synthetic", **config_overrides(args)})
+    from .bench import bench
+
+    result = bench(exp, batches=args.batches, windows=args.windows)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['experiment']} on {result['device']} ({result['precision']}, "
+              f"batch {result['batch_size']}, median of {result['windows']} windows "
+              f"of {result['batches_per_window']} batches)")
+        print(f"  compute (bare step, ready batch): {result['compute']:8,.0f} img/s")
+        print(f"  project (training loop):          {result['project']:8,.0f} img/s")
+        print(f"  project / compute:                {result['project_over_compute']:8.3f}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -166,7 +194,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "evaluate": cmd_evaluate}
+COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "bench": cmd_bench,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

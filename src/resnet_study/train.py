@@ -336,6 +336,23 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     return summary("completed")
 
 
+def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Tensor,
+               cfg: TrainConfig, device: torch.device, amp) -> torch.Tensor:
+    """One optimisation step; returns the loss as a device tensor (no host sync)."""
+    with autocast(device, amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        clip_gradients(model, cfg)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
 def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: TrainConfig,
                  epoch: int, device: torch.device, amp, quiet: bool) -> tuple[dict, bool]:
     loader = splits.train
@@ -345,18 +362,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                leave=False, disable=quiet, dynamic_ncols=True)
     for step, (x, y) in enumerate(loader.epoch(epoch)):
-        with autocast(device, amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            clip_gradients(model, cfg)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach() * len(y)
+        loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp)
+        loss_sum += loss * len(y)
         seen += len(y)
         bar.update()
         if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
