@@ -27,7 +27,6 @@ from resnet_study import data
 from resnet_study.config import UsageError
 from resnet_study.data import DataError, DeviceLoader, ImageSet, load_images
 
-CIFAR10_JPEG = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 
@@ -583,9 +582,8 @@ def test_test_loader_is_plain_and_in_order() -> None:
 # --- the real CIFAR-10 images, when present ---------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CIFAR10_JPEG.exists(), reason=f"{CIFAR10_JPEG} is not present")
-def test_cifar10_jpeg(cache: Path) -> None:
-    s = load(CIFAR10_JPEG, cache)
+def test_cifar10_jpeg(cache: Path, standin: Path) -> None:
+    s = load(standin, cache)
     assert s.name == "cifar10-jpeg" and s.classes == CIFAR10_CLASSES
     assert s.train_images.shape == (50_000, 3, 32, 32)
     assert s.test_images.shape == (10_000, 3, 32, 32)

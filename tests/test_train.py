@@ -68,20 +68,20 @@ def test_lr_follows_one_cycle_stepped_every_batch(tmp_path):
 
 
 def test_learns_the_synthetic_task(tmp_path):
-    summary = train(fast(subset=1024, epochs=2, lr=0.05), tmp_path, quiet=True)
-    assert summary["test_top1"] > 0.5  # 10 classes: chance is 0.1
+    summary = train(fast(subset=1024, epochs=2, lr=0.02), tmp_path, quiet=True)
+    assert summary["test_top1"] > 0.45  # measured 0.66; 10 classes: chance is 0.1
 
 
 @pytest.mark.slow
 def test_learns_real_images(tmp_path, standin):
     """The paper's recipe on 5,000 real CIFAR-10 images (the JPEG stand-in), two epochs.
 
-    Measured at 0.XX top-1 on 2026-11-26 (chance 0.10); the bar leaves room for seed and
+    Measured 0.359 top-1 on 2026-11-26 (chance 0.10); the bar leaves room for seed and
     machine noise while still failing for a broken crop, label order or normalisation.
     """
     summary = train(fast(data=str(standin), subset=5000, batch_size=128, epochs=2,
                          eval_batch_size=1000), tmp_path, quiet=True)
-    assert summary["test_top1"] > 0.30
+    assert summary["test_top1"] > 0.28
 
 
 @pytest.mark.slow
