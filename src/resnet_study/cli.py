@@ -148,17 +148,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         **{"data": "synthetic", **config_overrides(args)})
     from .bench import bench
 
-    result = bench(exp, batches=args.batches, windows=args.windows)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['experiment']} on {result['device']} ({result['precision']}, "
-              f"batch {result['batch_size']}, median of {result['windows']} windows "
-              f"of {result['batches_per_window']} batches)")
-        print(f"  compute (bare step, ready batch): {result['compute']:8,.0f} img/s")
-        print(f"  project (training loop):          {result['project']:8,.0f} img/s")
-        print(f"  project / compute:                {result['project_over_compute']:8.3f}")
+    r = bench(exp, batches=args.batches, windows=args.windows)
+    _report(r, args.json,
+            f"{r['experiment']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, "
+            f"median of {r['windows']} windows of {r['batches_per_window']} batches)\n"
+            f"  compute (bare step, ready batch): {r['compute']:8,.0f} img/s\n"
+            f"  project (training loop):          {r['project']:8,.0f} img/s\n"
+            f"  project / compute:                {r['project_over_compute']:8.3f}")
     return 0
+
+
+def _report(result: dict, as_json: bool, text: str) -> None:
+    print(json.dumps(result) if as_json else text)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -181,16 +182,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     splits = make_splits(exp.data, exp.train, device, progress=not args.json)
     model = build_model(exp.model, len(splits.images.classes))
     model.load_state_dict(ckpt["model"])
-    model = model.to(device, memory_format=torch.channels_last)
-    result = evaluate(model, splits.test, autocast_dtype(exp.train.precision, device))
-    result = {"run": str(args.run_dir), "epoch": ckpt["epoch"], "data": splits.images.name,
-              "test_loss": result["loss"], "test_top1": result["top1"], "test_top5": result["top5"]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{args.run_dir} (epoch {result['epoch']}, {result['data']}): test loss "
-              f"{result['test_loss']:.4f}  top-1 {result['test_top1']:.4f}  "
-              f"top-5 {result['test_top5']:.4f}")
+    if exp.train.channels_last:
+        model = model.to(device, memory_format=torch.channels_last)
+    test = evaluate(model.to(device), splits.test, autocast_dtype(exp.train.precision, device))
+    r = {"run": str(args.run_dir), "epoch": ckpt["epoch"], "data": splits.images.name,
+         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
+    _report(r, args.json, f"{args.run_dir} (epoch {r['epoch']}, {r['data']}): test loss "
+                          f"{r['test_loss']:.4f}  top-1 {r['test_top1']:.4f}  "
+                          f"top-5 {r['test_top5']:.4f}")
     return 0
 
 

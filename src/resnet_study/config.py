@@ -64,7 +64,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data: str = "cifar100"  # cifar100, cifar10, synthetic, or a path (folder or .tar.gz)
-    subset: int | None = None  # train on the first N shuffled training images only
+    subset: int | None = None  # train on N training images drawn at random (seeded)
     val_split: int = 0  # hold N training images out as a validation set
     padding_mode: Literal["reflect", "zeros"] = "reflect"  # of the 4-pixel random-crop padding
     normalize: Literal["pixel", "channel"] = "pixel"  # mean image (the paper) or channel mean
