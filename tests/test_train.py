@@ -162,3 +162,16 @@ def test_batch_larger_than_dataset_is_an_error(tmp_path):
     with pytest.raises(UsageError, match="larger than"):
         train(fast(batch_size=1024), tmp_path, quiet=True)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_tensorboard_gets_every_metric_per_epoch(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(fast(), tmp_path, quiet=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(tmp_path)
+    assert set(events.Tags()["scalars"]) == set(trainlib.METRICS)
+    top1 = [e.value for e in events.Scalars("test_top1")]
+    assert top1 == pytest.approx([float(r["test_top1"]) for r in rows])
