@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
     add_config_flags(p)
 
+    p = sub.add_parser("study", help="run experiments x seeds into one directory (resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiments", nargs="*", help="experiment names (or --all)")
+    p.add_argument("--all", action="store_true", help="the paper's twelve experiments")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per experiment")
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
+    p.add_argument("--quick", action="store_true",
+                   help="a short try (few epochs on a subset), marked quick in every output")
+    p.add_argument("--shard", default="1/1", help="run the i-th of n disjoint parts: i/n")
+    p.add_argument("--devices", help="run one run per listed device in parallel: 0,1 or cpu,cpu")
+    add_config_flags(p)
+
     p = sub.add_parser("bench", help="images/s of the training loop against the bare step",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment", nargs="?", default="resnet18-lr0.01")
@@ -141,6 +153,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else EXIT_DIVERGED
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import parse_shard, plan, run_study
+
+    if args.all == bool(args.experiments):
+        raise UsageError("name experiments or pass --all (not both)")
+    overrides = config_overrides(args)
+    if "seed" in overrides:
+        raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
+    names = list(EXPERIMENTS) if args.all else args.experiments
+    runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
+    devices = None
+    if args.devices:
+        devices = [d if d == "cpu" or d.startswith("cuda") else f"cuda:{d}"
+                   for d in args.devices.split(",")]
+    outcomes = run_study(runs, devices)
+    bad = outcomes["failed"] + outcomes["diverged"]
+    print(json.dumps({"study": str(args.out), "runs": len(runs),
+                      **{k: len(v) for k, v in outcomes.items()},
+                      "not_completed": bad}))
+    return 0 if not bad else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.windows < 1:
         raise UsageError("--batches and --windows must be >= 1")
@@ -193,8 +227,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "bench": cmd_bench,
-            "evaluate": cmd_evaluate}
+COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_study,
+            "bench": cmd_bench, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,12 +66,15 @@ class DataConfig:
     data: str = "cifar100"  # cifar100, cifar10, synthetic, or a path (folder or .tar.gz)
     subset: int | None = None  # train on N training images drawn at random (seeded)
     val_split: int = 0  # hold N training images out as a validation set
+    test_subset: int | None = None  # evaluate on N test images (the same N for every seed)
     padding_mode: Literal["reflect", "zeros"] = "reflect"  # of the 4-pixel random-crop padding
     normalize: Literal["pixel", "channel"] = "pixel"  # mean image (the paper) or channel mean
 
     def __post_init__(self) -> None:
         _check_choice(self)
-        _require(self.subset is None or self.subset > 0, f"subset must be > 0, not {self.subset}")
+        for name in ("subset", "test_subset"):
+            n = getattr(self, name)
+            _require(n is None or n > 0, f"{name} must be > 0, not {n}")
         _require(self.val_split >= 0, f"val_split must be >= 0, not {self.val_split}")
 
 
@@ -115,6 +118,7 @@ class Experiment:
     name: str
     row: str  # the paper's label for this row of Table 1
     notes: str = ""
+    profile: Literal["paper", "quick"] = "paper"  # quick: a short try, not the paper's protocol
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -135,6 +139,7 @@ class Experiment:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
         return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
+                   profile=d.get("profile", "paper"),
                    model=_build(ModelConfig, d.get("model", {})),
                    data=_build(DataConfig, d.get("data", {})),
                    train=_build(TrainConfig, d.get("train", {})))

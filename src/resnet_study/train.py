@@ -113,6 +113,9 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
     if train_cfg.batch_size > len(y):
         raise UsageError(f"batch_size {train_cfg.batch_size} is larger than the "
                          f"{len(y)} training images")
+    test = images.test_images, images.test_labels
+    if cfg.test_subset is not None and cfg.test_subset < len(test[1]):
+        test, _ = datalib.split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
     mean, std = datalib.normalization(x, cfg.normalize)
     common = dict(batch_size=train_cfg.batch_size, device=device, mean=mean, std=std,
                   channels_last=train_cfg.channels_last)
@@ -121,7 +124,7 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
         images=images,
         train=datalib.DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
                                    seed=train_cfg.seed, **common),
-        test=datalib.DeviceLoader(images.test_images, images.test_labels, **evaluation),
+        test=datalib.DeviceLoader(*test, **evaluation),
         val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
     )
 
@@ -283,7 +286,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     columns = METRICS + (VAL_METRICS if splits.val else [])
     params = count_params(model)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write
-    log(f"{exp.name}: {params:,} parameters, {splits.train.num_images:,} training images "
+    profile = " [QUICK profile, not the paper's protocol]" if exp.profile == "quick" else ""
+    log(f"{exp.name}{profile}: {params:,} parameters, {splits.train.num_images:,} training images "
         f"({splits.images.name}), {device.type}, "
         f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}, "
         f"epochs {start_epoch + 1}-{cfg.epochs} of {cfg.epochs}")
@@ -298,7 +302,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
                                    if history else None),
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "torch": torch.__version__, "git_commit": git_commit(),
-             "dataset": splits.images.name, **extra}
+             "dataset": splits.images.name, "profile": exp.profile, **extra}
         write_json(out / "summary.json", s)
         return s
 

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from resnet_study import UsageError
+from resnet_study import train as trainlib
+from resnet_study.cli import main
+from resnet_study.study import parse_shard, plan, run_study, status
+
+TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
+            epochs=1)
+
+
+def test_plan_covers_every_experiment_and_seed_once_across_shards(tmp_path):
+    everything = plan(["resnet18-lr0.1", "resnet18-adam"], 3, tmp_path, {}, quick=False)
+    assert [r.label for r in everything] == [f"{e}/seed-{s}" for e in ("resnet18-lr0.1",
+                                                                        "resnet18-adam")
+                                             for s in range(3)]
+    shards = [plan(["resnet18-lr0.1", "resnet18-adam"], 3, tmp_path, {}, False, (i, 4))
+              for i in range(1, 5)]
+    labels = [r.label for shard in shards for r in shard]
+    assert sorted(labels) == sorted(r.label for r in everything)
+    assert everything[4].out == tmp_path / "resnet18-adam" / "seed-1"
+    assert everything[4].experiment.train.seed == 1
+
+
+def test_quick_profile_is_marked_and_short(tmp_path):
+    run = plan(["resnet18-lr0.01"], 1, tmp_path, {}, quick=True)[0]
+    assert run.experiment.profile == "quick"
+    assert run.experiment.train.epochs < 25 and run.experiment.data.subset
+
+
+@pytest.mark.parametrize("text", ["3", "0/2", "3/2", "a/b", "1/2/3"])
+def test_malformed_shard_is_refused(text):
+    with pytest.raises(UsageError, match="shard"):
+        parse_shard(text)
+
+
+def test_study_completes_then_skips_finished_runs(tmp_path):
+    runs = plan(["resnet18-lr0.01", "resnet18-adam"], 2, tmp_path, TINY, quick=False)
+    outcomes = run_study(runs, log=lambda msg: None)
+    assert len(outcomes["completed"]) == 4 and not outcomes["failed"]
+    stamps = {r.label: (r.out / "summary.json").stat().st_mtime_ns for r in runs}
+    again = run_study(runs, log=lambda msg: None)
+    assert len(again["skipped"]) == 4
+    assert stamps == {r.label: (r.out / "summary.json").stat().st_mtime_ns for r in runs}
+
+
+def test_interrupted_run_is_resumed_not_counted(tmp_path, monkeypatch):
+    run = plan(["resnet18-lr0.01"], 1, tmp_path, {**TINY, "epochs": 2}, quick=False)[0]
+    real = trainlib._train_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainlib, "_train_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_study([run], log=lambda msg: None)
+    assert status(run) == "partial"
+    monkeypatch.setattr(trainlib, "_train_epoch", real)
+    lines = []
+    assert run_study([run], log=lines.append)["completed"] == [run.label]
+    assert "1 to go" in lines[0]
+    assert json.loads((run.out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_one_failure_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+                        "http://127.0.0.1:9/resnet18-f37072fd.pth")
+    runs = plan(["resnet18-lr0.01", "resnet18-pretrained"], 1, tmp_path / "s", TINY, False)
+    lines = []
+    outcomes = run_study(runs, log=lines.append)
+    assert outcomes["completed"] == ["resnet18-lr0.01/seed-0"]
+    assert outcomes["failed"] == ["resnet18-pretrained/seed-0"]
+    summary = json.loads((runs[1].out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "could not download ImageNet weights" in summary[
+        "error"]
+    assert any("resnet18-pretrained/seed-0 failed (UsageError" in line for line in lines)
+    assert status(runs[1]) == "failed"  # retried by the next invocation
+
+
+def test_study_cli_runs_in_parallel_on_listed_devices(tmp_path, capsys):
+    args = ["study", "resnet18-lr0.01", "--seeds", "2", "--out", str(tmp_path),
+            "--devices", "cpu,cpu"]
+    for key, value in TINY.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["completed"] == 2 and result["not_completed"] == []
+    assert all((tmp_path / "resnet18-lr0.01" / f"seed-{s}" / "summary.json").is_file()
+               for s in range(2))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["study"], "--all"),
+    (["study", "--all", "resnet18-adam"], "not both"),
+    (["study", "--all", "--seed", "3"], "--seeds"),
+    (["study", "--all", "--seeds", "0"], "--seeds must be"),
+    (["study", "--all", "--shard", "5/4"], "shard"),
+])
+def test_study_bad_input(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
