@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="run one run per listed device in parallel: 0,1 or cpu,cpu")
     add_config_flags(p)
 
+    p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
+    p.add_argument("study_dir", type=Path)
+
     p = sub.add_parser("bench", help="images/s of the training loop against the bare step",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment", nargs="?", default="resnet18-lr0.01")
@@ -175,6 +178,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0 if not bad else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    index = report(args.study_dir)
+    print(f"report written to {index.parent} (open {index})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.windows < 1:
         raise UsageError("--batches and --windows must be >= 1")
@@ -228,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_study,
-            "bench": cmd_bench, "evaluate": cmd_evaluate}
+            "report": cmd_report, "bench": cmd_bench, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

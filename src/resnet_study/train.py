@@ -157,24 +157,28 @@ def clip_gradients(model: nn.Module, cfg: TrainConfig) -> None:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: datalib.DeviceLoader,
              amp: torch.dtype | None) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy over a whole split (sums kept on the device)."""
+    """Mean loss, top-1 and top-5 accuracy over a whole split (sums kept on the device),
+    and the top-1 prediction for every image, in the split's order."""
     was_training = model.training
     model.eval()
     device = loader.device
     loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros(2, device=device, dtype=torch.int64)
+    predictions = []
     for x, y in loader.epoch(0):
         with autocast(device, amp):
             logits = model(x)
         logits = logits.float()
         loss += F.cross_entropy(logits, y, reduction="sum")
-        k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices == y[:, None]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
         correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        predictions.append(top[:, 0])
     model.train(was_training)
     n = loader.num_images
     top1, top5 = (correct.double() / n).tolist()
-    return {"loss": loss.item() / n, "top1": top1, "top5": top5}
+    return {"loss": loss.item() / n, "top1": top1, "top5": top5,
+            "predictions": torch.cat(predictions).cpu().numpy()}
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -310,13 +314,16 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            row, diverged = _train_epoch(step_model, optimizer, scheduler, scaler, splits, cfg,
-                                         epoch, device, amp, quiet)
+            row, predictions, diverged = _train_epoch(step_model, optimizer, scheduler, scaler,
+                                                      splits, cfg, epoch, device, amp, quiet)
             if diverged:
                 log(f"{exp.name}: diverged in epoch {epoch + 1} (non-finite loss); "
                     "lower --lr or set --grad-clip")
                 return summary("diverged", diverged_epoch=epoch + 1)
             history.append(row)
+            if epoch + 1 == cfg.epochs:  # the final model's answers, for per-class analysis
+                with atomic_open(out / "predictions.npz") as f:
+                    np.savez(f, predicted=predictions, labels=splits.test.labels.cpu().numpy())
             write_csv(out / "metrics.csv", history, columns)
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -356,7 +363,8 @@ def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Te
 
 
 def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: TrainConfig,
-                 epoch: int, device: torch.device, amp, quiet: bool) -> tuple[dict, bool]:
+                 epoch: int, device: torch.device, amp,
+                 quiet: bool) -> tuple[dict, np.ndarray | None, bool]:
     loader = splits.train
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen = 0
@@ -372,7 +380,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
             running = loss_sum.item() / seen  # the one host sync every LOG_EVERY steps
             if not math.isfinite(running):
                 bar.close()
-                return {}, True
+                return {}, None, True
             bar.set_postfix(loss=f"{running:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):,.0f}")
     if device.type == "cuda":
@@ -388,5 +396,5 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
     if splits.val:
         val = evaluate(model, splits.val, amp)
         row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
-    return row, False
+    return row, test["predictions"], False
 

@@ -1,0 +1,144 @@
+import csv
+import html
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from resnet_study import UsageError
+from resnet_study.report import PAPER, QUICK_NOTE, report
+from resnet_study.study import plan, run_study
+
+from .test_data import batch, write_cifar100
+
+EXPERIMENTS = ["resnet18-lr0.01", "resnet18-adam", "resnet18-no-bn"]
+SETTINGS = dict(batch_size=64, eval_batch_size=200, epochs=2)
+
+
+def cifar100_fixture(root):
+    """A CIFAR-100 file set in the official layout, 200 training images, fine -> coarse as in
+    the real data (every fine class belongs to one superclass)."""
+    rng = np.random.default_rng(5)
+    fine = rng.integers(0, 100, 200)
+    write_cifar100(root, train=batch(rng, 200, {b"fine_labels": fine.tolist(),
+                                                b"coarse_labels": (fine // 5).tolist()}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = str(cifar100_fixture(root / "data"))
+    out = {}
+    for quick in (False, True):
+        study = root / ("quick" if quick else "paper")
+        names = EXPERIMENTS[:1] if quick else EXPERIMENTS
+        runs = plan(names, 2, study, {**SETTINGS, "data": data}, quick=quick)
+        run_study(runs, log=lambda msg: None)
+        report(study)
+        out[quick] = study
+    return out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_writes_every_file(studies):
+    names = {p.name for p in (studies[False] / "report").iterdir()}
+    expected = {"table1.md", "table1.csv", "table1.tex", "statistics.csv", "index.html",
+                "per_class.csv", "per_superclass.csv"}
+    expected |= {f"{f}.{ext}" for f in ("figure2", "figure3", "figure5", "figure6", "figure7",
+                                        "figure8", "figure9", "confusion")
+                 for ext in ("png", "svg")}
+    assert expected <= names
+
+
+def test_table1_matches_the_runs_and_the_paper(studies):
+    rows = {r["experiment"]: r for r in read_csv(studies[False] / "report" / "table1.csv")}
+    for name in EXPERIMENTS:
+        tops = [json.loads((studies[False] / name / f"seed-{s}" / "summary.json").read_text())
+                ["test_top1"] for s in range(2)]
+        assert float(rows[name]["top1_mean"]) == pytest.approx(np.mean(tops))
+        assert float(rows[name]["top1_std"]) == pytest.approx(np.std(tops, ddof=1))
+        assert rows[name]["n"] == "2"
+        assert float(rows[name]["paper_top1"]) == PAPER["experiments"][name]["top1"]
+    literature = [r for r in read_csv(studies[False] / "report" / "table1.csv")
+                  if r["profile"] == "literature"]
+    assert [float(r["paper_top1"]) for r in literature] == [0.7957, 0.7458]
+    md = (studies[False] / "report" / "table1.md").read_text()
+    assert "ResNet-18 w/o BN" in md and "ResNet-110" in md and "QUICK" not in md
+
+
+def test_statistics_agree_with_scipy_welch(studies):
+    rows = read_csv(studies[False] / "report" / "statistics.csv")
+    assert {r["experiment"] for r in rows} == {"resnet18-adam", "resnet18-no-bn"}
+
+    def tops(name):
+        return [json.loads((studies[False] / name / f"seed-{s}" / "summary.json").read_text())
+                ["test_top1"] for s in range(2)]
+
+    for r in rows:
+        x, base = tops(r["experiment"]), tops("resnet18-lr0.01")
+        assert float(r["difference"]) == pytest.approx(np.mean(x) - np.mean(base))
+        if np.var(x) > 0 and np.var(base) > 0:
+            expected = stats.ttest_ind(x, base, equal_var=False).pvalue
+            assert float(r["p_value"]) == pytest.approx(expected)
+            assert float(r["ci_low"]) <= float(r["difference"]) <= float(r["ci_high"])
+        assert "seed noise" in r["sentence"]
+
+
+def test_quick_study_is_marked_in_every_output(studies):
+    out = studies[True] / "report"
+    assert QUICK_NOTE in (out / "table1.md").read_text()
+    assert QUICK_NOTE in (out / "table1.tex").read_text()
+    assert html.escape(QUICK_NOTE) in (out / "index.html").read_text()
+    assert {r["profile"] for r in read_csv(out / "table1.csv")} == {"quick", "literature"}
+
+
+def test_html_is_self_contained(studies):
+    page = (studies[False] / "report" / "index.html").read_text()
+    sources = re.findall(r"""(?:src|href)=['"]([^'"]+)""", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "Per-superclass test accuracy" in page
+
+
+def test_partial_and_failed_runs_are_left_out(studies, tmp_path):
+    study = tmp_path / "s"
+    shutil.copytree(studies[False] / "resnet18-lr0.01", study / "resnet18-lr0.01")
+    summary = study / "resnet18-lr0.01" / "seed-1" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "failed"}))
+    report(study)
+    rows = read_csv(study / "report" / "table1.csv")
+    assert rows[0]["n"] == "1"
+
+
+def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
+    study = tmp_path / "copy"
+    shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
+    report(study)
+    for name in ("table1.csv", "table1.md", "statistics.csv", "per_class.csv"):
+        assert (study / "report" / name).read_text() == (
+            studies[False] / "report" / name).read_text()
+
+
+def test_report_of_nothing_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no completed runs"):
+        report(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_a_real_browser(studies, tmp_path):
+    shot = tmp_path / "page.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
+                    f"--screenshot={shot}", (studies[False] / "report" / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = shot.read_bytes()
+    assert pixels[:8] == b"\x89PNG\r\n\x1a\n" and len(pixels) > 50_000  # figures, not blank
