@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The whole study, then its report; the report is written even when some runs failed.
 run: $(STAMP)
-	$(BIN)/resnet-study train resnet18-lr0.01
+	status=0; $(BIN)/resnet-study study --all --out runs/study || status=$$?; \
+	$(BIN)/resnet-study report runs/study && exit $$status
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
