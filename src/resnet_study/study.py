@@ -142,7 +142,12 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    progress(pending.pop(f), f.result())
+                    run = pending.pop(f)
+                    try:
+                        summary = f.result()
+                    except Exception as e:  # the worker itself died (e.g. killed for memory)
+                        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                    progress(run, summary)
     else:
         for run in todo:
             progress(run, execute(run))
