@@ -99,6 +99,19 @@ def table_rows(results: dict[str, list[Run]]) -> list[dict]:
     return rows
 
 
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    """Table 1 as text cells, the measured rows then the paper's literature rows."""
+    cells = []
+    for r in rows:
+        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
+        paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
+        diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
+        cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
+                      f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff])
+    return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", ""]
+                    for lit in PAPER["literature"]]
+
+
 def write_tables(rows: list[dict], out: Path, quick: bool, dataset: str) -> None:
     note = f"{QUICK_NOTE} " if quick else ""
     note += f"Measured on {dataset}; the paper's column is CIFAR-100."
@@ -112,17 +125,9 @@ def write_tables(rows: list[dict], out: Path, quick: bool, dataset: str) -> None
         for lit in PAPER["literature"]:
             writer.writerow({"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature"})
 
-    def fmt(r: dict) -> list[str]:
-        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
-        paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
-        diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
-        return [r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
-                f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff]
-
     head = ["Method", "Total parameters", f"Training time ({rows[0]['epochs']} epochs, mean)",
             "Top-1 (mean ± sd)", "n", "Paper top-1", "Difference"]
-    body = [fmt(r) for r in rows] + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", ""]
-                                     for lit in PAPER["literature"]]
+    body = table_cells(rows)
     md = [f"*{note}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(line) + " |" for line in body]
     (out / "table1.md").write_text("\n".join(md) + "\n")
@@ -375,19 +380,10 @@ def _html(rows, comparisons, figures, classes, quick, dataset, root, figure2_not
              f"data <b>{e(dataset)}</b>. The paper's accuracies are CIFAR-100, one run each.</p>"]
     if quick:
         parts.append(f"<p class='quick'>{e(QUICK_NOTE)}</p>")
-    parts.append("<h2>Table 1</h2><table><tr><th>Method</th><th>Parameters</th>"
-                 "<th>Time (mean)</th><th>Top-1 mean ± sd</th><th>n</th><th>Paper</th>"
-                 "<th>Difference</th></tr>")
-    for r in rows:
-        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
-        paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
-        diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
-        parts.append(f"<tr><td>{e(r['row'])}</td><td>{r['params']:,}</td>"
-                     f"<td>{_minutes(r['train_seconds'])}</td><td>{r['top1_mean']:.4f}{std}</td>"
-                     f"<td>{r['n']}</td><td>{paper}</td><td>{diff}</td></tr>")
-    for lit in PAPER["literature"]:
-        parts.append(f"<tr><td><i>{e(lit['row'])}</i></td><td></td><td></td><td></td><td></td>"
-                     f"<td>{lit['top1']:.4f}</td><td></td></tr>")
+    head = ["Method", "Parameters", "Time (mean)", "Top-1 mean ± sd", "n", "Paper", "Difference"]
+    parts.append("<h2>Table 1</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in line) + "</tr>"
+              for line in table_cells(rows)]
     parts.append("</table>")
     if comparisons:
         parts.append("<h2>Against the base model</h2><p>Difference in mean top-1, 95% "
