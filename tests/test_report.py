@@ -99,6 +99,8 @@ def test_quick_study_is_marked_in_every_output(studies):
     assert QUICK_NOTE in (out / "table1.tex").read_text()
     assert html.escape(QUICK_NOTE) in (out / "index.html").read_text()
     assert {r["profile"] for r in read_csv(out / "table1.csv")} == {"quick", "literature"}
+    for name in ("per_class.csv", "per_superclass.csv"):
+        assert {r["profile"] for r in read_csv(out / name)} == {"quick"}
 
 
 def test_html_is_self_contained(studies):

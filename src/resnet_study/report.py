@@ -306,14 +306,16 @@ def report(root: Path) -> Path:
     quick = any(r.experiment.profile == "quick" for runs in results.values() for r in runs)
     images = load_images(first.data.data, progress=False)
 
+    profile = "quick" if quick else "paper"  # a column of every CSV, so no row loses it
     rows = table_rows(results)
     write_tables(rows, out, quick, images.name)
     comparisons = compare_with_base(results)
     with open(out / "statistics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["experiment", "difference", "ci_low", "ci_high",
-                                               "p_value", "n", "n_base", "method", "sentence"])
+                                               "p_value", "n", "n_base", "method", "sentence",
+                                               "profile"])
         writer.writeheader()
-        writer.writerows(comparisons)
+        writer.writerows({**c, "profile": profile} for c in comparisons)
 
     figures: list[tuple[str, str, str]] = []  # (name, caption, base64 png)
     if images.superclasses is not None:
@@ -337,12 +339,13 @@ def report(root: Path) -> Path:
     classes = {k: v for k, v in classes.items() if v is not None}
     group_word = "superclass" if images.superclasses is not None else "class"
     if classes:
-        _write_per_class(classes, images, out, group_word)
+        _write_per_class(classes, images, out, group_word, profile)
         name, pc = list(classes.items())[-1]
         figures.append(("confusion", f"Confusion between {group_word}es, {name} "
                         "(rows: true, normalised).",
                         _save(confusion_figure(pc["confusion"], pc["groups"],
-                                               f"{name}: {group_word} confusion"),
+                                               f"{name}: {group_word} confusion"
+                                               + (" [QUICK profile]" if quick else "")),
                               out, "confusion")))
 
     index = out / "index.html"
@@ -351,19 +354,18 @@ def report(root: Path) -> Path:
     return index
 
 
-def _write_per_class(classes: dict, images: ImageSet, out: Path, group_word: str) -> None:
+def _write_per_class(classes: dict, images: ImageSet, out: Path, group_word: str,
+                     profile: str) -> None:
     names = list(classes)
-    with open(out / "per_class.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", *names])
-        for i, c in enumerate(images.classes):
-            w.writerow([c, *(f"{classes[n]['class'][i]:.4f}" for n in names)])
+    tables = [("class", images.classes, "class")]
     if group_word == "superclass":
-        with open(out / "per_superclass.csv", "w", newline="") as f:
+        tables.append(("superclass", images.superclasses, "group"))
+    for label, keys, field in tables:
+        with open(out / f"per_{label}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["superclass", *names])
-            for i, g in enumerate(images.superclasses):
-                w.writerow([g, *(f"{classes[n]['group'][i]:.4f}" for n in names)])
+            w.writerow([label, *names, "profile"])
+            for i, key in enumerate(keys):
+                w.writerow([key, *(f"{classes[n][field][i]:.4f}" for n in names), profile])
 
 
 def _html(rows, comparisons, figures, classes, quick, dataset, root, figure2_note,
