@@ -1,7 +1,8 @@
-"""`resnet-study` command line: list experiments, train one, evaluate a run.
+"""`resnet-study` command line: experiments, train, study, report, bench, evaluate.
 
-Every field of the model, data and train configs is a `--flag` of `train`, generated from
-the dataclasses, so a preset value can always be overridden and the two never drift apart.
+Every field of the model, data and train configs is a `--flag` of `train`, `study` and
+`bench`, generated from the dataclasses, so a preset value can always be overridden and the
+flags never drift from the configs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             spec = specs[f.name]
             flag = "--" + f.name.replace("_", "-")
-            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {f.default}")
+            kw = dict(dest=f.name, default=argparse.SUPPRESS,
+                      help=f"base recipe: {f.default}; an experiment may set another")
             if spec.kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
