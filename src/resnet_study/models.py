@@ -7,6 +7,7 @@ move state dicts between the two.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -27,8 +28,56 @@ def _norm(channels: int, enabled: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if enabled else nn.Identity()
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that computes a map with fewer pixels than its kernel as one matrix product.
+
+    With the paper's 7x7 stem a 32x32 image reaches layer3 as 2x2 and layer4 as 1x1 maps,
+    where most of a 3x3 kernel's taps only ever see padding. oneDNN's backward pass for those
+    shapes is pathological: layer4's 512x512 convolutions took half of a CPU training step
+    (benchmarks/RESULTS.md). On such a map the convolution is a small dense linear map, whose
+    matrix, gathered from the kernel's taps, costs less than the kernel's nominal work and runs
+    as one GEMM. Same parameters and state dict, same function and gradients up to rounding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        kh, kw = self.kernel_size
+        if h * w >= kh * kw or self.groups != 1 or self.dilation != (1, 1):
+            return super().forward(x)
+        n, cin = x.shape[:2]
+        index, ho, wo = _tap_index(h, w, self.kernel_size, self.stride, self.padding, x.device)
+        cout = self.out_channels
+        # Append one zero tap so that every (output, input) pixel pair can index a tap.
+        taps = torch.cat([self.weight.flatten(2), self.weight.new_zeros(cout, cin, 1)], dim=2)
+        dense = taps[:, :, index]  # (cout, cin, out pixels, in pixels)
+        dense = dense.permute(2, 0, 3, 1).reshape(ho * wo * cout, h * w * cin)
+        out = x.permute(0, 2, 3, 1).reshape(n, h * w * cin) @ dense.T
+        out = out.view(n, ho, wo, cout).permute(0, 3, 1, 2)  # channels_last strides, no copy
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+@functools.cache
+def _tap_index(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """For each (output pixel, input pixel) pair, the kernel tap joining them (or the zero tap).
+
+    Cached per device so that the forward pass never copies it from the host.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    index = torch.full((ho * wo, h * w), kh * kw, dtype=torch.long)
+    for oy in range(ho):
+        for ox in range(wo):
+            for iy in range(h):
+                for ix in range(w):
+                    ky, kx = iy - oy * sh + ph, ix - ox * sw + pw
+                    if 0 <= ky < kh and 0 <= kx < kw:
+                        index[oy * wo + ox, iy * w + ix] = ky * kw + kx
+    return index.to(device), ho, wo
+
+
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
 class BasicBlock(nn.Module):
