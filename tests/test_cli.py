@@ -70,9 +70,19 @@ def test_divergence_exits_with_its_own_status(tmp_path):
     assert json.loads(result.stdout)["status"] == "diverged"
 
 
-def test_bench_reports_both_rates(capsys):
+def test_bench_reports_three_rates_their_ratios_and_peak_memory(capsys):
     assert main(["bench", "--batch-size", "16", "--batches", "1", "--windows", "1",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["compute"] > 0 and result["project"] > 0
+    assert result["compute"] > 0 and result["project"] > 0 and result["reference"] > 0
     assert result["project_over_compute"] == pytest.approx(result["project"] / result["compute"])
+    assert result["project_over_reference"] == pytest.approx(
+        result["project"] / result["reference"])
+    assert result["peak_memory_mib"] > 50  # the model, its gradients and the data at least
+
+
+def test_bench_without_reference_prints_a_table(capsys):
+    assert main(["bench", "--batch-size", "16", "--batches", "1", "--windows", "1",
+                 "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "project / compute" in out and "reference" not in out

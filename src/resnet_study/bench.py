@@ -1,16 +1,26 @@
-"""What the input pipeline costs: the training loop against the bare step on a ready batch.
+"""How fast the project trains, against its own ceiling and against the pipeline users write today.
 
-Both rates come from one process, the same model, optimiser and precision, and alternate
-timed windows so that a noisy machine slows both alike; each is the median over windows.
+Three rates from one process, on the same data, batch size, optimiser and device:
+- compute: the project's training step on one ready batch (the ceiling for this model here);
+- project: the project's training loop (device-resident data, batched augmentation, step);
+- reference: the pipeline of the paper and most public CIFAR code: a map-style `Dataset` of
+  PIL images with torchvision transforms, a `DataLoader` with a worker per core, float32 NCHW,
+  torchvision's `resnet18`, a default SGD and `loss.item()` every step.
+Timed windows alternate between the three so that a noisy machine slows all alike; each rate is
+the median over windows, and every window starts only after warm-up steps of its own.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from .config import Experiment
 from .models import build_model
@@ -19,9 +29,14 @@ from .train import (
     make_optimizer,
     make_scheduler,
     make_splits,
+    peak_memory_mib,
+    reset_peak_memory,
     resolve_device,
     train_step,
 )
+
+# A long schedule, so the LR stays sane however many steps the benchmark takes.
+SCHEDULE_STEPS = 100_000
 
 
 def _sync(device: torch.device) -> None:
@@ -38,17 +53,61 @@ def _rate(step: Callable[[], int], batches: int, device: torch.device) -> float:
     return images / (time.perf_counter() - start)
 
 
-def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int = 3) -> dict:
+class ReferenceDataset(torch.utils.data.Dataset):
+    """What `torchvision.datasets.CIFAR100` does per item: an HWC uint8 array made a PIL image,
+    then the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC, as the official files hold it
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def reference_loader(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                     device: torch.device) -> torch.utils.data.DataLoader:
+    from torchvision import transforms
+
+    # Per-channel statistics on the 0..1 scale, as public CIFAR code hard-codes them.
+    mean = images.mean(axis=(0, 2, 3)) / 255
+    std = images.std(axis=(0, 2, 3)) / 255
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean.tolist(), std.tolist()),
+    ])
+    return torch.utils.data.DataLoader(
+        ReferenceDataset(images, labels, transform), batch_size=batch_size, shuffle=True,
+        num_workers=len(os.sched_getaffinity(0)), pin_memory=device.type == "cuda",
+        drop_last=True, persistent_workers=True)
+
+
+def _forever(epochs: Callable[[int], Iterator]) -> Iterator:
+    epoch = 0
+    while True:
+        yield from epochs(epoch)
+        epoch += 1
+
+
+def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int = 3,
+          reference: bool = True) -> dict:
     cfg = exp.train
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
+    reset_peak_memory(device)
     splits = make_splits(exp.data, cfg, device, progress=False)
-    model = build_model(exp.model, len(splits.images.classes))
+    num_classes = len(splits.images.classes)
+    model = build_model(exp.model, num_classes)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last
                      else torch.contiguous_format)
     optimizer = make_optimizer(model, cfg)
-    # A long schedule, so the LR stays sane however many steps the benchmark takes.
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10_000)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=SCHEDULE_STEPS)
     step_model = torch.compile(model) if cfg.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -57,24 +116,53 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
         return len(y)
 
     ready_x, ready_y = next(splits.train.epoch(0))
-
-    def batches_forever() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = 0
-        while True:
-            yield from splits.train.epoch(epoch)
-            epoch += 1
-
-    stream = batches_forever()
-    runs = {"compute": lambda: step(ready_x, ready_y), "project": lambda: step(*next(stream))}
-    for run in runs.values():
-        _rate(run, warmup, device)
+    stream = _forever(splits.train.epoch)
+    runs: dict[str, Callable[[], int]] = {"compute": lambda: step(ready_x, ready_y),
+                                          "project": lambda: step(*next(stream))}
+    if reference:
+        runs["reference"] = _reference_step(exp, splits, num_classes, device)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(windows):
         for name, run in runs.items():
+            # Warm-up steps of its own. The reference's workers prefetch while the other
+            # windows run, so its window starts with full queues: a bias in its favour.
+            _rate(run, warmup, device)
             rates[name].append(_rate(run, batches, device))
-    result = {name: statistics.median(r) for name, r in rates.items()}
+    result: dict = {name: statistics.median(r) for name, r in rates.items()}
+    if reference:
+        result["project_over_reference"] = result["project"] / result["reference"]
     result["project_over_compute"] = result["project"] / result["compute"]
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
                   precision="fp32" if amp is None else str(amp).removeprefix("torch."),
-                  batches_per_window=batches, windows=windows)
+                  batches_per_window=batches, windows=windows,
+                  peak_memory_mib=peak_memory_mib(device))
     return result
+
+
+def _reference_step(exp: Experiment, splits, num_classes: int,
+                    device: torch.device) -> Callable[[], int]:
+    from torchvision.models import resnet18
+
+    cfg = exp.train
+    loader = reference_loader(splits.images.train_images, splits.images.train_labels,
+                              cfg.batch_size, device)
+    stream = _forever(lambda _: iter(loader))
+    model = resnet18(num_classes=num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=1,
+                                                    steps_per_epoch=SCHEDULE_STEPS)
+
+    def step() -> int:
+        inputs, targets = next(stream)
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss.item()  # the running-loss print of most training scripts
+        return len(targets)
+
+    return step

@@ -91,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
     p.add_argument("study_dir", type=Path)
 
-    p = sub.add_parser("bench", help="images/s of the training loop against the bare step",
+    p = sub.add_parser("bench", help="images/s of the training loop against the bare step "
+                       "and the usual torchvision pipeline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment", nargs="?", default="resnet18-lr0.01")
     p.add_argument("--batches", type=int, default=10, help="batches per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the torchvision Dataset/DataLoader/resnet18 pipeline")
     p.add_argument("--json", action="store_true")
     add_config_flags(p)  # --data defaults to synthetic here: speed does not depend on pixels
 
@@ -195,13 +198,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         **{"data": "synthetic", **config_overrides(args)})
     from .bench import bench
 
-    r = bench(exp, batches=args.batches, windows=args.windows)
-    _report(r, args.json,
-            f"{r['experiment']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, "
-            f"median of {r['windows']} windows of {r['batches_per_window']} batches)\n"
-            f"  compute (bare step, ready batch): {r['compute']:8,.0f} img/s\n"
-            f"  project (training loop):          {r['project']:8,.0f} img/s\n"
-            f"  project / compute:                {r['project_over_compute']:8.3f}")
+    r = bench(exp, batches=args.batches, windows=args.windows, reference=args.reference)
+    lines = [f"{r['experiment']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, "
+             f"median of {r['windows']} windows of {r['batches_per_window']} batches)",
+             f"  compute (bare step, ready batch):   {r['compute']:8,.0f} img/s",
+             f"  project (training loop):            {r['project']:8,.0f} img/s"]
+    if args.reference:
+        lines += [f"  reference (torchvision DataLoader): {r['reference']:8,.0f} img/s",
+                  f"  project / reference:                {r['project_over_reference']:8.3f}"]
+    lines += [f"  project / compute:                  {r['project_over_compute']:8.3f}",
+              f"  peak memory:                        {r['peak_memory_mib'] or 0:8,.0f} MiB"]
+    _report(r, args.json, "\n".join(lines))
     return 0
 
 

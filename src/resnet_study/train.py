@@ -31,7 +31,7 @@ from .models import build_model, count_params
 
 LOG_EVERY = 20  # steps between host reads of the loss
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
-           "images_per_second"]
+           "eval_seconds", "images_per_second"]
 VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 # Settings that change how fast a run goes but not what it computes: a resume may change them.
 RUNTIME_FIELDS = {"device", "compile", "eval_batch_size"}
@@ -75,6 +75,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak, so that runs sharing a process (a study) each report their own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux only; elsewhere the peak is the process's
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """CUDA's peak allocation on a GPU, else the process's peak resident set (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return None
 
 
 def set_determinism(cfg: TrainConfig) -> None:
@@ -261,6 +281,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     set_determinism(cfg)
+    reset_peak_memory(device)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -304,6 +325,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
              "train_seconds": sum(r["epoch_seconds"] for r in history),
              "images_per_second": (sum(r["images_per_second"] for r in history) / len(history)
                                    if history else None),
+             "peak_memory_mib": peak_memory_mib(device),
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "torch": torch.__version__, "git_commit": git_commit(),
              "dataset": splits.images.name, "profile": exp.profile, **extra}
@@ -387,11 +409,12 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
     bar.close()
-    test = evaluate(model, splits.test, amp)
+    test = evaluate(model, splits.test, amp)  # its .item() calls synchronise the device
     row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "test_loss": test["loss"],
            "test_top1": test["top1"], "test_top5": test["top5"],
            "lr": scheduler.get_last_lr()[0],
            "epoch_seconds": time.perf_counter() - start,
+           "eval_seconds": time.perf_counter() - start - train_seconds,
            "images_per_second": seen / train_seconds}
     if splits.val:
         val = evaluate(model, splits.val, amp)

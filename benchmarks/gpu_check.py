@@ -1,0 +1,139 @@
+"""Helpers of gpu_check.sh: the CUDA-path checks, and the closing table.
+
+    python benchmarks/gpu_check.py cuda-path DEVICE WORKDIR   # exit 1 if a check fails
+    python benchmarks/gpu_check.py table OUT                  # summarise what the script wrote
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from resnet_study import EXPERIMENTS
+from resnet_study import train as trainlib
+from resnet_study.models import ResNet18, count_params
+from resnet_study.report import PAPER
+
+
+def check_param_counts() -> str:
+    wrong = []
+    for name, exp in EXPERIMENTS.items():
+        with torch.device("meta"):
+            n = count_params(ResNet18(exp.model, num_classes=100))
+        if n != PAPER["experiments"][name]["params"]:
+            wrong.append(f"{name} {n:,}")
+    assert not wrong, f"parameter counts differ from the paper: {wrong}"
+    return f"{len(EXPERIMENTS)} experiments equal the paper"
+
+
+def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
+    """A few steps from one initialisation on one batch: bf16 autocast tracks float32."""
+    exp = EXPERIMENTS["resnet18-lr0.01"]
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (64,), device=device)
+    initial = ResNet18(exp.model).state_dict()
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
+        model.load_state_dict(initial)
+        optimizer = trainlib.make_optimizer(model, exp.train)
+        scheduler = trainlib.make_scheduler(optimizer, exp.train, steps_per_epoch=100)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        losses[dtype] = [trainlib.train_step(model, optimizer, scheduler, scaler, x, y,
+                                             exp.train, device, dtype).item()
+                         for _ in range(steps)]
+    diff = max(abs(a - b) for a, b in zip(losses[None], losses[torch.bfloat16], strict=True))
+    assert diff < 0.1, f"bf16 losses {losses[torch.bfloat16]} vs fp32 {losses[None]}"
+    return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def check_resume(device: torch.device, workdir: Path) -> str:
+    """Stop a run after its first epoch, resume it, and compare with an uninterrupted run."""
+    exp = EXPERIMENTS["resnet18-lr0.01"].replace(
+        data="synthetic", subset=256, test_subset=128, epochs=2, batch_size=64,
+        device=str(device), deterministic=True)
+    full = trainlib.train(exp, workdir / "uninterrupted", quiet=True)
+    real_epoch = trainlib._train_epoch
+
+    def first_epoch_only(*args):
+        if args[6] == 1:
+            raise Interrupt
+        return real_epoch(*args)
+
+    trainlib._train_epoch = first_epoch_only
+    try:
+        trainlib.train(exp, workdir / "resumed", quiet=True)
+    except Interrupt:
+        pass
+    finally:
+        trainlib._train_epoch = real_epoch
+    resumed = trainlib.train(exp, workdir / "resumed", resume=True, quiet=True)
+
+    def metrics(run: str) -> list[dict]:
+        with open(workdir / run / "metrics.csv") as f:
+            return [{k: v for k, v in row.items() if "seconds" not in k and "per_second" not in k}
+                    for row in csv.DictReader(f)]
+
+    assert metrics("uninterrupted") == metrics("resumed"), "resumed run differs"
+    assert full["test_top1"] == resumed["test_top1"]
+    return f"2-epoch run stopped after epoch 1 and resumed: metrics identical on {device.type}"
+
+
+def cuda_path(device_name: str, workdir: Path) -> int:
+    device = torch.device(device_name)
+    results = {}
+    for name, check in [("parameter counts", check_param_counts),
+                        ("bf16 vs fp32", lambda: check_bf16_against_fp32(device)),
+                        ("checkpoint resume", lambda: check_resume(device, workdir))]:
+        try:
+            results[name] = {"ok": True, "detail": check()}
+        except Exception as e:  # report every check, then fail
+            results[name] = {"ok": False, "detail": f"{type(e).__name__}: {e}"}
+        print(f"{name}: {'ok' if results[name]['ok'] else 'FAILED'}: {results[name]['detail']}")
+    (workdir / "cuda_path.json").write_text(json.dumps(results, indent=1))
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+def table(out: Path) -> None:
+    rows = []
+    path = out / "cuda_path.json"
+    for name, r in (json.loads(path.read_text()) if path.exists() else {}).items():
+        rows.append((name, ("ok: " if r["ok"] else "FAILED: ") + r["detail"]))
+    if (out / "bench.json").exists():
+        b = json.loads((out / "bench.json").read_text())
+        rows.append(("bench (img/s)",
+                     f"compute {b['compute']:,.0f}, project {b['project']:,.0f}, reference "
+                     f"{b['reference']:,.0f}; project/reference {b['project_over_reference']:.2f},"
+                     f" project/compute {b['project_over_compute']:.2f}; peak "
+                     f"{b['peak_memory_mib']:,.0f} MiB ({b['precision']})"))
+    base = out / "base-summary.json"
+    if base.exists():
+        s = json.loads(base.read_text())
+        rows.append((f"base run, {s['epochs']} epochs",
+                     f"{s['status']}, top-1 {s['test_top1']:.4f} on {s['dataset']}, "
+                     f"{s['train_seconds']:.1f} s training+evaluation, "
+                     f"{s['images_per_second']:,.0f} img/s, peak {s['peak_memory_mib']:,.0f} MiB"))
+    study = out / "study.log"
+    if study.exists():
+        last = [line for line in study.read_text().splitlines() if line.startswith("study:")]
+        rows.append(("quick study", last[-1] if last else "did not start"))
+    width = max(len(name) for name, _ in rows) if rows else 0
+    print("\nGPU check summary")
+    for name, result in rows:
+        print(f"  {name:<{width}}  {result}")
+
+
+if __name__ == "__main__":
+    command, arg = sys.argv[1], Path(sys.argv[-1])
+    if command == "cuda-path":
+        sys.exit(cuda_path(sys.argv[2], arg))
+    table(arg)

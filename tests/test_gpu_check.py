@@ -1,0 +1,23 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    env = dict(os.environ, GPU_CHECK_TINY="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               RESNET_STUDY_DATA=str(tmp_path / "data"))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume"):
+        assert f"{check}" in summary and "FAILED" not in summary
+    assert "project/reference" in summary and "base run, 1 epochs  completed" in summary
+    assert "1/1 done" in summary
+    assert "gpu_check:" in result.stdout and "passed" in result.stdout.splitlines()[-1]
