@@ -533,7 +533,7 @@ def test_padding(padding_mode: str, np_mode: str) -> None:
     images = rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
     loader = make_loader(padding_mode=padding_mode)
     padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode=np_mode)
-    assert np.array_equal(loader.images.numpy(), padded)
+    assert np.array_equal(loader.images.permute(0, 3, 1, 2).numpy(), padded)  # stored NHWC
 
 
 def test_crops_and_flips() -> None:
@@ -545,7 +545,8 @@ def test_crops_and_flips() -> None:
     assert set(dx.tolist()) == set(dy.tolist()) == set(range(9))
     assert 0.4 < flip.float().mean().item() < 0.6
     for i in [*range(20), *torch.nonzero(flip)[:5, 0].tolist()]:
-        crop = loader.images[idx[i], :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        padded = loader.images[idx[i]].permute(2, 0, 1)  # stored NHWC
+        crop = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
         assert torch.equal(x[i], crop.flip(-1) if flip[i] else crop)
 
 
@@ -562,7 +563,8 @@ def test_epoch_is_a_function_of_seed_and_epoch() -> None:
     g = loader.generator(3)
     order = torch.randperm(50, generator=g)
     for (x, y), idx in zip(first, order.split(16), strict=True):
-        expected = (loader.augment_batch(idx, g)[0].float() - loader.mean) / loader.std
+        mean, std = loader.mean.permute(2, 0, 1), loader.std.permute(2, 0, 1)  # stored HWC
+        expected = (loader.augment_batch(idx, g)[0].float() - mean) / std
         assert torch.equal(x, expected) and torch.equal(y, loader.labels[idx])
 
 

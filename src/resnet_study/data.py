@@ -514,14 +514,16 @@ class DeviceLoader:
         if padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be reflect or zeros, not {padding_mode!r}")
         self.device = torch.device(device)
-        self.images = torch.from_numpy(images)
+        images = torch.from_numpy(images)
         if augment:  # pad once, on the host, rather than every batch
             mode = "reflect" if padding_mode == "reflect" else "constant"
-            self.images = torch.nn.functional.pad(self.images, (PAD,) * 4, mode=mode)
-        self.images = self.images.to(self.device)
+            images = torch.nn.functional.pad(images, (PAD,) * 4, mode=mode)
+        # Stored NHWC: a crop is then one gather of whole pixels, and the batch comes out in
+        # channels_last order, the format the model runs fastest in, with no transpose.
+        self.images = images.permute(0, 2, 3, 1).contiguous().to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device, torch.int64)
-        self.mean = mean.to(self.device, torch.float32)
-        self.std = std.to(self.device, torch.float32)
+        self.mean = mean.to(self.device, torch.float32).permute(1, 2, 0)  # HWC, as the images
+        self.std = std.to(self.device, torch.float32).permute(1, 2, 0)
         self.batch_size = batch_size
         self.augment = augment
         self.shuffle = augment if shuffle is None else shuffle
@@ -542,17 +544,22 @@ class DeviceLoader:
         order = (torch.randperm(n, generator=g, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
         for idx in order.split(self.batch_size):
-            x = self.augment_batch(idx, g)[0] if self.augment else self.images[idx]
-            x = (x.float() - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._crop_and_flip(idx, g)[0] if self.augment else self.images[idx]
+            x = x.float().sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)
+            if not self.channels_last:
+                x = x.contiguous()
             yield x, self.labels[idx]
 
     def augment_batch(self, idx: torch.Tensor,
                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor]:
-        """Crop and flip the padded images `idx` in one gather: uint8 (B, 3, 32, 32) images, the
-        crop offsets dx, dy in [0, 8] and the flip flags, for tests to check."""
+        """Crop and flip the padded images `idx`: uint8 (B, 3, 32, 32) images, the crop offsets
+        dx, dy in [0, 8] and the flip flags, for tests to check."""
+        x, dx, dy, flip = self._crop_and_flip(idx, g)
+        return x.permute(0, 3, 1, 2), dx, dy, flip
+
+    def _crop_and_flip(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """The crop and flip as one gather of pixels out of the batch's padded NHWC images."""
         b, dev = len(idx), self.device
         dx = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=dev)
         dy = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=dev)
@@ -560,7 +567,8 @@ class DeviceLoader:
         step = torch.arange(SIZE, device=dev)
         rows = dy[:, None] + step
         cols = dx[:, None] + torch.where(flip[:, None], SIZE - 1 - step, step)
-        channels = torch.arange(3, device=dev)
-        x = self.images[idx[:, None, None, None], channels[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
+        width = SIZE + 2 * PAD
+        pixel = (rows[:, :, None] * width + cols[:, None, :]).view(b, SIZE * SIZE, 1)
+        padded = self.images[idx].view(b, width * width, 3)
+        x = padded.gather(1, pixel.expand(b, SIZE * SIZE, 3)).view(b, SIZE, SIZE, 3)
         return x, dx, dy, flip
