@@ -1,4 +1,6 @@
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,3 +172,22 @@ def test_imagenet_weights_found_in_hub_cache(tmp_path, monkeypatch):
 def test_pretrained_only_for_the_base_architecture():
     with pytest.raises(UsageError, match="base architecture"):
         ModelConfig(width=2, pretrained="imagenet")
+
+
+REPEAT_SCRIPT = """
+import torch
+from resnet_study.models import Conv2d
+torch.manual_seed(0)
+conv = Conv2d(256, 512, 3, padding=1, bias=False)
+x = torch.randn(256, 256, 2, 2)
+conv(x).square().sum().backward()
+print(float(conv.weight.grad.double().square().sum()))
+"""
+
+
+def test_small_map_conv_gradients_are_the_same_in_every_process():
+    # Runs of a study must not differ in the last bits from one process to the next; with a
+    # gather (scatter-add backward) they did.
+    outputs = {subprocess.run([sys.executable, "-c", REPEAT_SCRIPT], capture_output=True,
+                              text=True, check=True).stdout for _ in range(3)}
+    assert len(outputs) == 1, outputs

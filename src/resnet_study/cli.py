@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", nargs="?", default="resnet18-lr0.01")
     p.add_argument("--batches", type=int, default=10, help="batches per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each window")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the torchvision Dataset/DataLoader/resnet18 pipeline")
     p.add_argument("--json", action="store_true")
@@ -192,13 +193,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.batches < 1 or args.windows < 1:
-        raise UsageError("--batches and --windows must be >= 1")
+    if args.batches < 1 or args.windows < 1 or args.warmup < 0:
+        raise UsageError("--batches and --windows must be >= 1 and --warmup >= 0")
     exp = get_experiment(args.experiment).replace(
         **{"data": "synthetic", **config_overrides(args)})
     from .bench import bench
 
-    r = bench(exp, batches=args.batches, windows=args.windows, reference=args.reference)
+    r = bench(exp, batches=args.batches, windows=args.windows, warmup=args.warmup,
+              reference=args.reference)
     lines = [f"{r['experiment']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, "
              f"median of {r['windows']} windows of {r['batches_per_window']} batches)",
              f"  compute (bare step, ready batch):   {r['compute']:8,.0f} img/s",

@@ -35,7 +35,7 @@ class Conv2d(nn.Conv2d):
     where most of a 3x3 kernel's taps only ever see padding. oneDNN's backward pass for those
     shapes is pathological: layer4's 512x512 convolutions took half of a CPU training step
     (benchmarks/RESULTS.md). On such a map the convolution is a small dense linear map, whose
-    matrix, gathered from the kernel's taps, costs less than the kernel's nominal work and runs
+    matrix, assembled from the kernel's taps, costs less than the kernel's nominal work and runs
     as one GEMM. Same parameters and state dict, same function and gradients up to rounding.
     """
 
@@ -45,35 +45,34 @@ class Conv2d(nn.Conv2d):
         if h * w >= kh * kw or self.groups != 1 or self.dilation != (1, 1):
             return super().forward(x)
         n, cin = x.shape[:2]
-        index, ho, wo = _tap_index(h, w, self.kernel_size, self.stride, self.padding, x.device)
-        cout = self.out_channels
-        # Append one zero tap so that every (output, input) pixel pair can index a tap.
-        taps = torch.cat([self.weight.flatten(2), self.weight.new_zeros(cout, cin, 1)], dim=2)
-        dense = taps[:, :, index]  # (cout, cin, out pixels, in pixels)
-        dense = dense.permute(2, 0, 3, 1).reshape(ho * wo * cout, h * w * cin)
+        selection, ho, wo = _tap_selection(h, w, self.kernel_size, self.stride, self.padding,
+                                           x.device)
+        # A product with a 0/1 selection, not a gather: a gather's backward scatters with
+        # atomic adds, which made CPU runs differ in the last bits from one process to another.
+        dense = torch.einsum("ock,pqk->poqc", self.weight.flatten(2), selection)
+        dense = dense.reshape(ho * wo * self.out_channels, h * w * cin)
         out = x.permute(0, 2, 3, 1).reshape(n, h * w * cin) @ dense.T
-        out = out.view(n, ho, wo, cout).permute(0, 3, 1, 2)  # channels_last strides, no copy
+        out = out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
 @functools.cache
-def _tap_index(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
-               padding: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """For each (output pixel, input pixel) pair, the kernel tap joining them (or the zero tap).
-
-    Cached per device so that the forward pass never copies it from the host.
-    """
+def _tap_selection(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(out pixels, in pixels, taps) 0/1 tensor: which kernel tap joins each output pixel to
+    each input pixel (none where the tap falls on padding). Cached per device, so that the
+    forward pass never copies it from the host."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    index = torch.full((ho * wo, h * w), kh * kw, dtype=torch.long)
+    selection = torch.zeros(ho * wo, h * w, kh * kw)
     for oy in range(ho):
         for ox in range(wo):
             for iy in range(h):
                 for ix in range(w):
                     ky, kx = iy - oy * sh + ph, ix - ox * sw + pw
                     if 0 <= ky < kh and 0 <= kx < kw:
-                        index[oy * wo + ox, iy * w + ix] = ky * kw + kx
-    return index.to(device), ho, wo
+                        selection[oy * wo + ox, iy * w + ix, ky * kw + kx] = 1
+    return selection.to(device), ho, wo
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
