@@ -110,23 +110,34 @@ def test_html_is_self_contained(studies):
     assert "Per-superclass test accuracy" in page
 
 
-def test_partial_and_failed_runs_are_left_out(studies, tmp_path):
+def test_runs_without_a_result_are_left_out_and_listed_with_their_reason(studies, tmp_path):
     study = tmp_path / "s"
-    shutil.copytree(studies[False] / "resnet18-lr0.01", study / "resnet18-lr0.01")
-    summary = study / "resnet18-lr0.01" / "seed-1" / "summary.json"
-    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "failed"}))
+    for name in ("resnet18-lr0.01", "resnet18-adam"):
+        shutil.copytree(studies[False] / name, study / name)
+    failed = study / "resnet18-lr0.01" / "seed-1" / "summary.json"
+    failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed",
+                                  "error": "OutOfMemoryError: CUDA out of memory"}))
+    for seed in (0, 1):  # every run of an experiment interrupted: no summary yet
+        (study / "resnet18-adam" / f"seed-{seed}" / "summary.json").unlink()
     report(study)
-    rows = read_csv(study / "report" / "table1.csv")
-    assert rows[0]["n"] == "1"
+    rows = {r["experiment"]: r for r in read_csv(study / "report" / "table1.csv")}
+    assert rows["resnet18-lr0.01"]["n"] == "1"
+    assert rows["resnet18-adam"]["n"] == "0" and rows["resnet18-adam"]["top1_mean"] == ""
+    page = (study / "report" / "index.html").read_text()
+    assert "Runs without a result" in page and "CUDA out of memory" in page
+    assert "resnet18-adam/seed-1" in page and "rerun the study command" in page
+    assert "no completed run" in (study / "report" / "table1.md").read_text()
+    assert "Not drawn, no completed run: resnet18-adam" in page
 
 
 def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
     study = tmp_path / "copy"
     shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
     report(study)
-    for name in ("table1.csv", "table1.md", "statistics.csv", "per_class.csv"):
-        assert (study / "report" / name).read_text() == (
-            studies[False] / "report" / name).read_text()
+    for name in ("table1.csv", "table1.md", "statistics.csv", "per_class.csv", "figure5.svg",
+                 "figure5.png"):
+        assert (study / "report" / name).read_bytes() == (
+            studies[False] / "report" / name).read_bytes()
 
 
 def test_report_of_nothing_is_a_usage_error(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
+matplotlib.rcParams["svg.hashsalt"] = "resnet-study"  # same results, byte-identical SVGs
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -72,9 +73,30 @@ def collect(root: Path) -> dict[str, list[Run]]:
         found.setdefault(exp.name, []).append(Run(exp, summary, metrics, run_dir))
     if not found:
         raise UsageError(f"{root} holds no completed runs; run `resnet-study study` first")
+    return {name: found[name] for name in _paper_order(found)}
+
+
+def _paper_order(names) -> list[str]:
     order = list(EXPERIMENTS)
-    return dict(sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
-                                                      else len(order), kv[0])))
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def unfinished(root: Path) -> list[dict]:
+    """The study's runs without a result (failed, diverged, interrupted), each with its reason."""
+    out = []
+    for run_dir in sorted(p for p in root.glob("*/seed-*") if p.is_dir()):
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        status = summary.get("status", "interrupted")
+        if status == "completed":
+            continue
+        reason = summary.get("error") or (
+            f"non-finite loss in epoch {summary.get('diverged_epoch')}" if status == "diverged"
+            else "no result yet; rerun the study command to resume it")
+        out.append({"experiment": run_dir.parent.name,
+                    "run": f"{run_dir.parent.name}/{run_dir.name}",
+                    "status": status, "reason": reason})
+    return out
 
 
 def _minutes(seconds: float) -> str:
@@ -83,9 +105,19 @@ def _minutes(seconds: float) -> str:
 
 # --- Table 1 ----------------------------------------------------------------------------------
 
-def table_rows(results: dict[str, list[Run]]) -> list[dict]:
+def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -> list[dict]:
+    """One row per experiment in the paper's order; one whose runs all failed gets n = 0."""
     rows = []
-    for name, runs in results.items():
+    for name in _paper_order({*results, *(u["experiment"] for u in without_result)}):
+        runs = results.get(name)
+        if not runs:
+            exp = EXPERIMENTS.get(name)
+            rows.append({"experiment": name, "row": exp.row if exp else name, "n": 0,
+                         "params": None, "epochs": None, "train_seconds": None,
+                         "top1_mean": None, "top1_std": None,
+                         "paper_top1": PAPER["experiments"].get(name, {}).get("top1"),
+                         "difference": None})
+            continue
         top1 = np.array([r.summary["test_top1"] for r in runs])
         paper = PAPER["experiments"].get(name, {})
         rows.append({
@@ -94,7 +126,7 @@ def table_rows(results: dict[str, list[Run]]) -> list[dict]:
             "train_seconds": float(np.mean([r.summary["train_seconds"] for r in runs])),
             "top1_mean": float(top1.mean()), "top1_std": float(top1.std(ddof=1)) if len(top1) > 1
             else float("nan"), "n": len(top1),
-            "paper_top1": paper.get("top1"), "paper_params": paper.get("params"),
+            "paper_top1": paper.get("top1"),
             "difference": float(top1.mean()) - paper["top1"] if paper else None})
     return rows
 
@@ -103,8 +135,11 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
     """Table 1 as text cells, the measured rows then the paper's literature rows."""
     cells = []
     for r in rows:
-        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
         paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
+        if not r["n"]:
+            cells.append([r["row"], "", "", "no completed run", "0", paper, ""])
+            continue
+        std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
                       f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff])
@@ -125,7 +160,8 @@ def write_tables(rows: list[dict], out: Path, quick: bool, dataset: str) -> None
         for lit in PAPER["literature"]:
             writer.writerow({"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature"})
 
-    head = ["Method", "Total parameters", f"Training time ({rows[0]['epochs']} epochs, mean)",
+    epochs = next(r["epochs"] for r in rows if r["n"])
+    head = ["Method", "Total parameters", f"Training time ({epochs} epochs, mean)",
             "Top-1 (mean ± sd)", "n", "Paper top-1", "Difference"]
     body = table_cells(rows)
     md = [f"*{note}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -185,7 +221,7 @@ def compare_with_base(results: dict[str, list[Run]]) -> list[dict]:
 # --- figures ----------------------------------------------------------------------------------
 
 def _save(fig, out: Path, name: str) -> str:
-    fig.savefig(out / f"{name}.svg", bbox_inches="tight")
+    fig.savefig(out / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     (out / f"{name}.png").write_bytes(buf.getvalue())
@@ -208,7 +244,11 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str, q
             x = np.arange(1, epochs + 1)
             line, = ax.plot(x, values.mean(0), label=f"{name} (n={len(runs)})")
             ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-    for ax, (_, label) in zip(axes, panels, strict=True):
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        low, high = ax.dataLim.intervaly
+        if key.endswith("loss") and low > 0 and high / low > 20:
+            ax.set_yscale("log")  # one diverging run must not flatten the others
+            label += " (log scale)"
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -307,7 +347,8 @@ def report(root: Path) -> Path:
     images = load_images(first.data.data, progress=False)
 
     profile = "quick" if quick else "paper"  # a column of every CSV, so no row loses it
-    rows = table_rows(results)
+    without_result = unfinished(root)
+    rows = table_rows(results, without_result)
     write_tables(rows, out, quick, images.name)
     comparisons = compare_with_base(results)
     with open(out / "statistics.csv", "w", newline="") as f:
@@ -330,10 +371,13 @@ def report(root: Path) -> Path:
     for fig_id, (title, names) in FIGURES.items():
         if any(n in results for n in names):
             caption = f"Figure {fig_id[-1]}: {title} (mean over seeds; band: min to max)."
+            missing = [n for n in names if n not in results]
+            if missing:
+                caption += f" Not drawn, no completed run: {', '.join(missing)}."
             figures.append((fig_id, caption, _save(curves_figure(results, names, title, quick),
                                                    out, fig_id)))
 
-    best = max(rows, key=lambda r: r["top1_mean"])["experiment"]
+    best = max((r for r in rows if r["n"]), key=lambda r: r["top1_mean"])["experiment"]
     classes = {name: per_class(results[name], images)
                for name in dict.fromkeys([BASE_EXPERIMENT, best]) if name in results}
     classes = {k: v for k, v in classes.items() if v is not None}
@@ -350,7 +394,7 @@ def report(root: Path) -> Path:
 
     index = out / "index.html"
     index.write_text(_html(rows, comparisons, figures, classes, quick, images.name, root,
-                           figure2_note, group_word))
+                           figure2_note, group_word, without_result))
     return index
 
 
@@ -369,7 +413,7 @@ def _write_per_class(classes: dict, images: ImageSet, out: Path, group_word: str
 
 
 def _html(rows, comparisons, figures, classes, quick, dataset, root, figure2_note,
-          group_word) -> str:
+          group_word, without_result) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>resnet-study report: "
              f"{e(str(root))}</title><style>"
@@ -387,6 +431,14 @@ def _html(rows, comparisons, figures, classes, quick, dataset, root, figure2_not
     parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in line) + "</tr>"
               for line in table_cells(rows)]
     parts.append("</table>")
+    if without_result:
+        parts.append("<h2>Runs without a result</h2><p>Left out of the table, the statistics "
+                     "and the figures.</p><table><tr><th>run</th><th>status</th>"
+                     "<th style='text-align:left'>reason</th></tr>")
+        parts += [f"<tr><td>{e(u['run'])}</td><td>{e(u['status'])}</td>"
+                  f"<td style='text-align:left'>{e(u['reason'])}</td></tr>"
+                  for u in without_result]
+        parts.append("</table>")
     if comparisons:
         parts.append("<h2>Against the base model</h2><p>Difference in mean top-1, 95% "
                      "confidence interval and p-value from Welch's t-test over seeds.</p><ul>")
