@@ -10,12 +10,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import EXPERIMENTS, SECTIONS, Experiment, UsageError, field_specs, get_experiment
+from .config import (
+    EXPERIMENTS,
+    SECTIONS,
+    Experiment,
+    Interrupted,
+    UsageError,
+    field_specs,
+    get_experiment,
+)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, resumable
 
 
 def _parse_optional(kind: type):
@@ -157,8 +167,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / exp.name / f"seed-{exp.train.seed}"
     summary = train(exp, out, resume=args.resume, quiet=args.quiet)
-    print(json.dumps({k: summary[k] for k in ("experiment", "status", "test_top1", "test_top5",
-                                              "train_seconds")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        print(json.dumps({k: summary[k] for k in ("experiment", "status", "test_top1",
+                                                  "test_top5", "train_seconds")}))
     return 0 if summary["status"] == "completed" else EXIT_DIVERGED
 
 
@@ -253,6 +264,10 @@ COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_stu
             "report": cmd_report, "bench": cmd_bench, "evaluate": cmd_evaluate}
 
 
+RESUME_HINT = {"train": "to resume, run the same command with --resume",
+               "study": "to resume, run the same command again"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -260,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"resnet-study: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # disk full, read-only folder: atomic writes kept the old files
+        print(f"resnet-study: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"resnet-study: {e}; {RESUME_HINT[args.command]}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("resnet-study: interrupted", file=sys.stderr)
         return 130

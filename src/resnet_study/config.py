@@ -22,6 +22,11 @@ class UsageError(Exception):
     """A problem the user can fix (bad value, missing file); the CLI prints it as one line."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT stopped a run after writing a checkpoint. A BaseException, so that
+    the handlers that record a run's failure (`except Exception`) let it through."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
@@ -96,6 +101,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:

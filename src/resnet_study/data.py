@@ -237,12 +237,16 @@ def _folder_tree(root: Path) -> _Tree:
 
 
 def _archive_tree(path: Path) -> _Tree:
-    """Stream the archive once; nothing is written to disk, so no member can escape anywhere."""
+    """Stream the archive once; nothing is written to disk. A member that would escape an
+    extraction folder (absolute path, '..', link) marks a hostile or broken archive: refused."""
     files: dict[str, Path | bytes] = {}
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
                 rel = PurePosixPath(member.name)
+                if rel.is_absolute() or ".." in rel.parts or member.issym() or member.islnk():
+                    raise DataError(f"{path}: member {member.name!r} points outside the archive "
+                                    "(absolute path, '..' or link); refusing the archive")
                 if member.isfile() and not _hidden(rel):
                     files[str(rel)] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -510,7 +514,8 @@ class DeviceLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  device: torch.device | str, mean: torch.Tensor, std: torch.Tensor,
                  augment: bool, padding_mode: str = "reflect", seed: int = 0,
-                 shuffle: bool | None = None, channels_last: bool = True) -> None:
+                 shuffle: bool | None = None, channels_last: bool = True,
+                 rank: int = 0, world: int = 1) -> None:
         if padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be reflect or zeros, not {padding_mode!r}")
         self.device = torch.device(device)
@@ -530,6 +535,9 @@ class DeviceLoader:
         self.seed = seed
         self.channels_last = channels_last
         self.num_images = len(labels)
+        # Distributed training: every rank draws the whole global batch (order, crops, flips)
+        # and keeps its own slice of it, so the ranks together see what one process would.
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
@@ -538,13 +546,22 @@ class DeviceLoader:
         seed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch `start` on (a run resumed mid-epoch), exactly as an
+        uninterrupted epoch would have served them."""
         g = self.generator(epoch)
         n = self.num_images
         order = (torch.randperm(n, generator=g, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
-        for idx in order.split(self.batch_size):
-            x = self._crop_and_flip(idx, g)[0] if self.augment else self.images[idx]
+        for i, idx in enumerate(order.split(self.batch_size)):
+            draws = self._draws(len(idx), g) if self.augment else None
+            if i < start:  # the draws above keep the generator where the epoch had it
+                continue
+            mine = slice(len(idx) * self.rank // self.world,
+                         len(idx) * (self.rank + 1) // self.world)
+            idx = idx[mine]
+            x = (self._crop_and_flip(idx, *(d[mine] for d in draws)) if self.augment
+                 else self.images[idx])
             x = x.float().sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)
             if not self.channels_last:
                 x = x.contiguous()
@@ -555,20 +572,24 @@ class DeviceLoader:
                                                    torch.Tensor]:
         """Crop and flip the padded images `idx`: uint8 (B, 3, 32, 32) images, the crop offsets
         dx, dy in [0, 8] and the flip flags, for tests to check."""
-        x, dx, dy, flip = self._crop_and_flip(idx, g)
-        return x.permute(0, 3, 1, 2), dx, dy, flip
+        dx, dy, flip = self._draws(len(idx), g)
+        return self._crop_and_flip(idx, dx, dy, flip).permute(0, 3, 1, 2), dx, dy, flip
 
-    def _crop_and_flip(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """The crop and flip as one gather of pixels out of the batch's padded NHWC images."""
-        b, dev = len(idx), self.device
+    def _draws(self, b: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        dev = self.device
         dx = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=dev)
         dy = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=dev)
         flip = torch.randint(0, 2, (b,), generator=g, device=dev).bool()
-        step = torch.arange(SIZE, device=dev)
+        return dx, dy, flip
+
+    def _crop_and_flip(self, idx: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                       flip: torch.Tensor) -> torch.Tensor:
+        """The crop and flip as one gather of pixels out of the batch's padded NHWC images."""
+        b = len(idx)
+        step = torch.arange(SIZE, device=self.device)
         rows = dy[:, None] + step
         cols = dx[:, None] + torch.where(flip[:, None], SIZE - 1 - step, step)
         width = SIZE + 2 * PAD
         pixel = (rows[:, :, None] * width + cols[:, None, :]).view(b, SIZE * SIZE, 1)
         padded = self.images[idx].view(b, width * width, 3)
-        x = padded.gather(1, pixel.expand(b, SIZE * SIZE, 3)).view(b, SIZE, SIZE, 3)
-        return x, dx, dy, flip
+        return padded.gather(1, pixel.expand(b, SIZE * SIZE, 3)).view(b, SIZE, SIZE, 3)

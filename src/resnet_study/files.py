@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Crash-safe file writes (a reader, or a resumed run, never sees a half-written file) and
+code-free reads of the tensor files the tool is handed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,3 +58,14 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
     writer.writerows(rows)
     with atomic_open(path) as f:
         f.write(text.getvalue().encode())
+
+
+def load_tensors(path: Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers: a checkpoint or weights file is
+    data, and loading one must never run code. Callers turn its errors into their own message;
+    its warnings (unusual pickle protocols) would only be noise beside that message."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, UsageError, get_experiment
+from .files import load_tensors
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
 # does not pull in torchvision.
@@ -201,8 +202,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UsageError(f"pretrained weights file {path} does not exist")
     try:
-        # weights_only: a weights file is data; never let it run code when loaded.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as e:
         raise UsageError(f"{path}: not a loadable state dict ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None

@@ -12,21 +12,24 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
-from .config import DataConfig, Experiment, TrainConfig, UsageError
-from .files import atomic_open, write_csv, write_json
+from .config import DataConfig, Experiment, Interrupted, TrainConfig, UsageError
+from .files import atomic_open, load_tensors, write_csv, write_json
 from .models import build_model, count_params
 
 LOG_EVERY = 20  # steps between host reads of the loss
@@ -36,6 +39,28 @@ VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 # Settings that change how fast a run goes but not what it computes: a resume may change them.
 RUNTIME_FIELDS = {"device", "compile", "eval_batch_size"}
 EXIT_DIVERGED = 3
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request the training loop honours after its current
+    step; a second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only it can take signals
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --- device and precision -------------------------------------------------------------------
@@ -107,6 +132,42 @@ def set_determinism(cfg: TrainConfig) -> None:
     torch.backends.cudnn.benchmark = not cfg.deterministic
 
 
+# --- several processes (torchrun) ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's; rank 0 alone writes files and logs."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Sums over all ranks (one collective call), as float64 on the host."""
+        if self.world == 1:
+            return list(values)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when it started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
 # --- data -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -118,7 +179,7 @@ class Splits:
 
 
 def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
-                progress: bool = True) -> Splits:
+                progress: bool = True, ranks: Ranks = Ranks()) -> Splits:
     """Load the images, carve out validation and subset, and put every split on the device."""
     images = datalib.load_images(cfg.data, progress=progress)
     x, y = images.train_images, images.train_labels
@@ -133,6 +194,9 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
     if train_cfg.batch_size > len(y):
         raise UsageError(f"batch_size {train_cfg.batch_size} is larger than the "
                          f"{len(y)} training images")
+    if train_cfg.batch_size < ranks.world:
+        raise UsageError(f"batch_size {train_cfg.batch_size} (the global batch) is smaller "
+                         f"than the {ranks.world} processes")
     test = images.test_images, images.test_labels
     if cfg.test_subset is not None and cfg.test_subset < len(test[1]):
         test, _ = datalib.split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
@@ -143,7 +207,8 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
     return Splits(
         images=images,
         train=datalib.DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
-                                   seed=train_cfg.seed, **common),
+                                   seed=train_cfg.seed, rank=ranks.rank, world=ranks.world,
+                                   **common),
         test=datalib.DeviceLoader(*test, **evaluation),
         val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
     )
@@ -230,8 +295,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}; run without --resume to start the run")
     try:
-        # weights_only: a checkpoint is data; loading one must never run code.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_tensors(path)
     except Exception as e:
         raise UsageError(f"{path}: not a resnet-study checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "experiment", "epoch"} <= set(ckpt):
@@ -278,7 +342,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     if not resume and ckpt_path.exists():
         raise UsageError(f"{out} already holds a run; pass --resume to continue it "
                          "or choose another --out")
-    device = resolve_device(cfg.device)
+    ranks, device = init_ranks(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.precision, device)
     set_determinism(cfg)
     reset_peak_memory(device)
@@ -287,7 +351,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
         ckpt = load_checkpoint(ckpt_path)
         check_same_experiment(ckpt["experiment"], exp, ckpt_path)
 
-    splits = make_splits(exp.data, cfg, device, progress=not quiet)
+    quiet = quiet or not ranks.main
+    splits = make_splits(exp.data, cfg, device, progress=not quiet, ranks=ranks)
     num_classes = len(splits.images.classes)
     model = build_model(exp.model if ckpt is None else
                         dataclasses.replace(exp.model, pretrained=None), num_classes)
@@ -296,21 +361,35 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(splits.train))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    start_epoch, history = 0, []
+    start_epoch, history, partial = 0, [], None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
-    step_model = torch.compile(model) if cfg.compile else model
+        start_epoch, history, partial = ckpt["epoch"], ckpt["history"], ckpt.get("partial")
+    step_model = model
+    if ranks.world > 1:
+        if cfg.sync_bn and device.type != "cuda":
+            raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
+                             "kernel); on CPU, train without it")
+        if cfg.sync_bn:
+            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
+        step_model = nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", exp.to_dict())
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a process killed inside a write
+            stale.unlink()
+        write_json(out / "config.json", exp.to_dict())
     columns = METRICS + (VAL_METRICS if splits.val else [])
     params = count_params(model)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write
+    log = ((lambda msg: None) if not ranks.main else
+           (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write)
     profile = " [QUICK profile, not the paper's protocol]" if exp.profile == "quick" else ""
     log(f"{exp.name}{profile}: {params:,} parameters, {splits.train.num_images:,} training images "
         f"({splits.images.name}), {device.type}, "
@@ -328,53 +407,77 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
              "peak_memory_mib": peak_memory_mib(device),
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "torch": torch.__version__, "git_commit": git_commit(),
-             "dataset": splits.images.name, "profile": exp.profile, **extra}
-        write_json(out / "summary.json", s)
+             "dataset": splits.images.name, "profile": exp.profile, "processes": ranks.world,
+             **extra}
+        if ranks.main:
+            write_json(out / "summary.json", s)
         return s
 
-    tb = _tensorboard(out)
+    def checkpoint(epoch: int, partial: dict | None = None) -> None:
+        if ranks.main:
+            save_checkpoint(ckpt_path, model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict(), rng=rng_state(), epoch=epoch,
+                            history=history, partial=partial, experiment=exp.to_dict())
+
+    tb = _tensorboard(out) if ranks.main else None
     model.train()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            row, predictions, diverged = _train_epoch(step_model, optimizer, scheduler, scaler,
-                                                      splits, cfg, epoch, device, amp, quiet)
-            if diverged:
-                log(f"{exp.name}: diverged in epoch {epoch + 1} (non-finite loss); "
-                    "lower --lr or set --grad-clip")
-                return summary("diverged", diverged_epoch=epoch + 1)
-            history.append(row)
-            if epoch + 1 == cfg.epochs:  # the final model's answers, for per-class analysis
-                with atomic_open(out / "predictions.npz") as f:
-                    np.savez(f, predicted=predictions, labels=splits.test.labels.cpu().numpy())
-            write_csv(out / "metrics.csv", history, columns)
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                            rng=rng_state(), epoch=epoch + 1, history=history,
-                            experiment=exp.to_dict())
-            if tb:
-                for k, v in row.items():
-                    tb.add_scalar(k, v, epoch + 1)
-            log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
-                f"test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.4f}  "
-                f"top-5 {row['test_top5']:.4f}  {row['images_per_second']:,.0f} img/s  "
-                f"{row['epoch_seconds']:.1f} s")
+        with StopRequest() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                result = _train_epoch(step_model, optimizer, scheduler, scaler, splits, cfg,
+                                      epoch, device, amp, quiet, stop, partial, ranks, model)
+                partial = None
+                if isinstance(result, EpochProgress):  # stopped on request, mid-epoch
+                    checkpoint(epoch, dataclasses.asdict(result))
+                    log(f"{exp.name}: stopped by {stop.signal_name} in epoch {epoch + 1} after "
+                        f"step {result.step}; checkpoint written")
+                    raise Interrupted(f"stopped by {stop.signal_name}; checkpoint written in "
+                                      f"{out} at epoch {epoch + 1}, step {result.step}")
+                row, predictions, diverged = result
+                if diverged:
+                    log(f"{exp.name}: diverged in epoch {epoch + 1} (non-finite loss); "
+                        "lower --lr or set --grad-clip")
+                    return summary("diverged", diverged_epoch=epoch + 1)
+                history.append(row)
+                if epoch + 1 == cfg.epochs and ranks.main:  # for per-class analysis
+                    with atomic_open(out / "predictions.npz") as f:
+                        np.savez(f, predicted=predictions,
+                                 labels=splits.test.labels.cpu().numpy())
+                if ranks.main:
+                    write_csv(out / "metrics.csv", history, columns)
+                checkpoint(epoch + 1)
+                if tb:
+                    for k, v in row.items():
+                        tb.add_scalar(k, v, epoch + 1)
+                log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
+                    f"test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.4f}  "
+                    f"top-5 {row['test_top5']:.4f}  {row['images_per_second']:,.0f} img/s  "
+                    f"{row['epoch_seconds']:.1f} s")
     except Exception as e:
         summary("failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         if tb:
             tb.close()
+        if ranks.world > 1:
+            dist.destroy_process_group()
     return summary("completed")
 
 
 def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device, amp) -> torch.Tensor:
-    """One optimisation step; returns the loss as a device tensor (no host sync)."""
+               cfg: TrainConfig, device: torch.device, amp,
+               grad_scale: float = 1.0) -> torch.Tensor:
+    """One optimisation step; returns the batch's mean loss as a device tensor (no host sync).
+
+    Under DDP, which averages gradients over ranks, `grad_scale` = world x share / global batch
+    makes that average the gradient of the global batch's mean loss, whatever the shares.
+    """
     with autocast(device, amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * grad_scale).backward()
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
         clip_gradients(model, cfg)
@@ -384,40 +487,73 @@ def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Te
     return loss.detach()
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """Where an epoch stood when a stop was requested: enough to finish it exactly."""
+
+    step: int  # batches done
+    loss_sum: float
+    seen: int
+    seconds: float
+
+
 def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: TrainConfig,
-                 epoch: int, device: torch.device, amp,
-                 quiet: bool) -> tuple[dict, np.ndarray | None, bool]:
+                 epoch: int, device: torch.device, amp, quiet: bool,
+                 stop: StopRequest | None = None, partial: dict | None = None,
+                 ranks: Ranks = Ranks(), eval_model: nn.Module | None = None,
+                 ) -> tuple[dict, np.ndarray | None, bool] | EpochProgress:
+    """One epoch of `model` (possibly compiled or DDP-wrapped), then the test set on
+    `eval_model` (the plain module); or where it stood if a stop was requested."""
     loader = splits.train
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-               leave=False, disable=quiet, dynamic_ncols=True)
-    for step, (x, y) in enumerate(loader.epoch(epoch)):
-        loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp)
+    eval_model = eval_model or model
+    done = EpochProgress(**partial) if partial else EpochProgress(0, 0.0, 0, 0.0)
+    # Sums over all ranks are kept by rank 0 alone, so that reducing them again is exact.
+    loss_sum = torch.tensor(done.loss_sum if ranks.main else 0.0, device=device,
+                            dtype=torch.float64)
+    seen = done.seen if ranks.main else 0
+    start = time.perf_counter() - done.seconds
+    bar = tqdm(total=len(loader), initial=done.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               unit="batch", leave=False, disable=quiet, dynamic_ncols=True)
+
+    def totals() -> tuple[float, int]:
+        total, count = ranks.sum(loss_sum.item(), seen)
+        return total, int(count)
+
+    for step, (x, y) in enumerate(loader.epoch(epoch, start=done.step), start=done.step):
+        # Ranks must stop at the same step: under torchrun they agree at each log point.
+        if ranks.world == 1 and stop is not None and stop.signal_name:
+            bar.close()
+            return EpochProgress(step, loss_sum.item(), seen, time.perf_counter() - start)
+        share = len(y) * ranks.world / loader.batch_size if ranks.world > 1 else 1.0
+        loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp, share)
         loss_sum += loss * len(y)
         seen += len(y)
         bar.update()
         if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
-            running = loss_sum.item() / seen  # the one host sync every LOG_EVERY steps
-            if not math.isfinite(running):
+            total, count = totals()  # the one host sync every LOG_EVERY steps
+            if not math.isfinite(total):
                 bar.close()
                 return {}, None, True
-            bar.set_postfix(loss=f"{running:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):,.0f}")
+            if (ranks.world > 1 and stop is not None and step + 1 < len(loader)
+                    and ranks.sum(float(stop.signal_name is not None))[0]):
+                bar.close()
+                return EpochProgress(step + 1, total, count, time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / count:.3f}",
+                            img_s=f"{count / (time.perf_counter() - start):,.0f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
     bar.close()
-    test = evaluate(model, splits.test, amp)  # its .item() calls synchronise the device
-    row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "test_loss": test["loss"],
+    total, seen = totals()
+    test = evaluate(eval_model, splits.test, amp)  # its .item() calls synchronise the device
+    row = {"epoch": epoch + 1, "train_loss": total / seen, "test_loss": test["loss"],
            "test_top1": test["top1"], "test_top5": test["top5"],
            "lr": scheduler.get_last_lr()[0],
            "epoch_seconds": time.perf_counter() - start,
            "eval_seconds": time.perf_counter() - start - train_seconds,
            "images_per_second": seen / train_seconds}
     if splits.val:
-        val = evaluate(model, splits.val, amp)
+        val = evaluate(eval_model, splits.val, amp)
         row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
     return row, test["predictions"], False
 

@@ -1,0 +1,181 @@
+"""Bad input of every kind: one line on stderr, a non-zero exit, no traceback, nothing lost."""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from resnet_study import ModelConfig, UsageError
+from resnet_study.cli import main
+from resnet_study.models import ResNet18, load_pretrained
+
+from .test_data import Payload, pack, write_bad_cifar10, write_cifar100, write_class_folders
+
+TRAIN = ["train", "resnet18-lr0.01", "--epochs", "1", "--batch-size", "16", "--subset", "32",
+         "--test-subset", "16", "--quiet"]
+
+
+def data(tmp: Path, kind: str) -> str:
+    """A data set with one fault, in the official layout unless said otherwise."""
+    src = tmp / "src"
+    if kind == "empty folder":
+        src.mkdir()
+    elif kind == "truncated tar.gz":
+        write_cifar100(src)
+        archive = pack(src, tmp / "c100.tar.gz")
+        archive.write_bytes(archive.read_bytes()[:-3000])
+        return str(archive)
+    elif kind == "truncated pickle":
+        write_cifar100(src)
+        train = src / "cifar-100-python" / "train"
+        train.write_bytes(train.read_bytes()[:4000])
+    elif kind == "code in pickle":
+        write_cifar100(src, train={b"data": Payload((os.system, (f"touch {tmp / 'pwned'}",))),
+                                   b"fine_labels": [], b"coarse_labels": []})
+    elif kind in ("shape", "dtype", "label range"):
+        write_bad_cifar10(src, kind)
+    elif kind in ("non-image file", "wrong size"):
+        write_class_folders(src, {"cat": (2, 1), "dog": (2, 1)})
+        if kind == "non-image file":
+            (src / "train" / "cat" / "readme.jpg").write_text("not a picture")
+        else:
+            Image.new("RGB", (64, 64)).save(src / "train" / "dog" / "big.png")
+    elif kind == "class sets differ":
+        write_class_folders(src, {"cat": (2, 1), "dog": (2, 0), "eel": (0, 1)})
+    elif kind == "archive escapes":
+        archive = tmp / "evil.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            info = tarfile.TarInfo("../../etc/cron.d/evil")
+            payload = b"* * * * * root touch /tmp/pwned\n"
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        return str(archive)
+    return str(src)
+
+
+def existing_run(tmp: Path) -> Path:
+    """A finished tiny run, whose files no bad command may touch."""
+    out = tmp / "run"
+    assert main([*TRAIN, "--data", "synthetic", "--out", str(out)]) == 0
+    return out
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoint_with(tmp: Path, content) -> Path:
+    out = tmp / "other"
+    out.mkdir()
+    if content == "garbage":
+        (out / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    else:  # a pickle that would run code: torch.save accepts any object
+        with open(out / "checkpoint.pt", "wb") as f:
+            pickle.dump(Payload((os.system, (f"touch {tmp / 'pwned'}",))), f)
+    return out
+
+
+CASES = {
+    # data
+    "missing data path": (lambda t: [*TRAIN, "--data", str(t / "nowhere")], "does not exist"),
+    **{kind: (lambda t, k=kind: [*TRAIN, "--data", data(t, k)], message) for kind, message in [
+        ("empty folder", "holds no files"),
+        ("truncated tar.gz", "truncated or corrupt archive"),
+        ("truncated pickle", "truncated or corrupt pickle"),
+        ("code in pickle", "refusing to unpickle"),
+        ("shape", "data must be uint8 of shape (N, 3072)"),
+        ("dtype", "not float32"),
+        ("label range", "labels must lie in [0, 10)"),
+        ("non-image file", "not an image"),
+        ("wrong size", "image is 64x64, expected 32x32"),
+        ("class sets differ", "only in train: dog"),
+        ("archive escapes", "points outside the archive"),
+    ]},
+    # experiment and settings
+    "unknown experiment": (lambda t: ["train", "resnet99"], "unknown experiment"),
+    "zero learning rate": (lambda t: [*TRAIN, "--lr", "0"], "lr must be > 0"),
+    "negative learning rate": (lambda t: [*TRAIN, "--lr", "-0.1"], "lr must be > 0"),
+    "zero batch size": (lambda t: [*TRAIN, "--batch-size", "0"], "batch_size must be > 0"),
+    "zero epochs": (lambda t: [*TRAIN, "--epochs", "0"], "epochs must be > 0"),
+    "batch larger than the data": (lambda t: [*TRAIN, "--data", "synthetic", "--batch-size",
+                                              "64"], "larger than the 32 training images"),
+    "not a number": (lambda t: [*TRAIN, "--lr", "fast"], "invalid float value"),
+    # runs and checkpoints
+    "resume without checkpoint": (lambda t: [*TRAIN, "--data", "synthetic", "--resume", "--out",
+                                             str(t / "fresh")], "no checkpoint"),
+    "resume another experiment": (lambda t: ["train", "resnet18-adam", *TRAIN[2:], "--data",
+                                             "synthetic", "--resume", "--out",
+                                             str(t / "run")], "was written by experiment"),
+    "rerun over a finished run": (lambda t: [*TRAIN, "--data", "synthetic", "--out",
+                                             str(t / "run")], "already holds a run"),
+    "checkpoint not a checkpoint": (lambda t: [*TRAIN, "--data", "synthetic", "--resume",
+                                               "--out", str(checkpoint_with(t, "garbage"))],
+                                    "not a resnet-study checkpoint"),
+    "checkpoint with code": (lambda t: [*TRAIN, "--data", "synthetic", "--resume", "--out",
+                                        str(checkpoint_with(t, "payload"))],
+                             "not a resnet-study checkpoint"),
+    "evaluate a non-run": (lambda t: ["evaluate", str(t)], "not a run directory"),
+    "pretrained offline": (lambda t: [*TRAIN, "--data", "synthetic", "--pretrained", "imagenet",
+                                      "--out", str(t / "pre")], "could not download"),
+    "pretrained file missing": (lambda t: [*TRAIN, "--data", "synthetic", "--pretrained",
+                                           str(t / "w.pt"), "--out", str(t / "pre")],
+                                "does not exist"),
+    # study and output
+    "malformed shard": (lambda t: ["study", "--all", "--shard", "2/x"], "shard"),
+    "shard out of range": (lambda t: ["study", "--all", "--shard", "3/2"], "shard"),
+    "unwritable output directory": (lambda t: [*TRAIN, "--data", "synthetic", "--out",
+                                               str(t / "run" / "config.json" / "sub")],
+                                    "Not a directory"),
+    "report of nothing": (lambda t: ["report", str(t / "nowhere")], "not a study directory"),
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    return tmp, existing_run(tmp)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_path, capsys,
+                                                         monkeypatch):
+    tmp, run = workspace
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # ImageNet weights not cached
+    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+                        "http://127.0.0.1:9/resnet18-f37072fd.pth")  # offline
+    # each case works in its own folder, beside a link to the shared finished run
+    (tmp_path / "run").symlink_to(run)
+    before = fingerprint(run)
+    argv, message = CASES[case]
+    capsys.readouterr()
+    try:
+        code = main(argv(tmp_path))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code != 0
+    assert len(lines) == 1 and message in lines[0], err
+    assert lines[0].startswith("resnet-study")
+    assert fingerprint(run) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 20
+
+
+def test_a_weights_file_carrying_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "w.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1.weight": Payload((os.system, (f"touch {marker}",)))}, f)
+    with pytest.raises(UsageError, match="not a loadable state dict"):
+        load_pretrained(ResNet18(ModelConfig()), str(path))
+    assert not marker.exists()

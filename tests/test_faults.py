@@ -1,0 +1,128 @@
+"""Runs survive SIGTERM, SIGINT, SIGKILL at any moment, and failed writes."""
+
+import csv
+import errno
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_study.cli import EXIT_INTERRUPTED, main
+
+TINY = ["--data", "synthetic", "--subset", "256", "--test-subset", "128", "--batch-size", "32",
+        "--eval-batch-size", "128", "--epochs", "3", "--deterministic", "--quiet"]
+TIMINGS = {"epoch_seconds", "eval_seconds", "images_per_second"}
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "resnet_study", "train", "resnet18-lr0.01", "--out", str(out),
+            *TINY, *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
+
+
+def assert_every_file_whole(out: Path) -> None:
+    """Each result file is absent or complete; a killed write leaves only a temp file."""
+    if (out / "checkpoint.pt").exists():
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert {"model", "optimizer", "epoch", "history"} <= set(ckpt)
+    if (out / "metrics.csv").exists():
+        rows = metrics(out)
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    for name in ("config.json", "summary.json"):
+        if (out / name).exists():
+            json.loads((out / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    start = time.monotonic()
+    subprocess.run(train_command(out), check=True, capture_output=True)
+    return metrics(out), time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_mid_epoch_and_the_resumed_run_is_exact(sig, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_command(out), stderr=subprocess.PIPE, text=True)
+    while not (out / "metrics.csv").exists():  # into epoch 2
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    last = err.strip().splitlines()[-1]
+    assert f"stopped by {sig.name}" in last and "--resume" in last
+    assert "Traceback" not in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1 and ckpt["partial"] is not None
+    subprocess.run(train_command(out, "--resume"), check=True, capture_output=True)
+    assert metrics(out) == reference[0]
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_metrics(reference, tmp_path):
+    expected, wall = reference
+    rng = random.Random(0)
+    points = []
+    for trial in range(6):
+        out = tmp_path / f"trial-{trial}"
+        proc = subprocess.Popen(train_command(out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if trial == 0:  # inside a checkpoint write: kill as soon as its temp file appears
+            while not list(out.glob(".checkpoint.pt.*.tmp")) and proc.poll() is None:
+                time.sleep(0.0005)
+            point = "during a checkpoint write"
+        else:
+            time.sleep(rng.uniform(0.3, wall))
+            point = None
+        proc.kill()
+        proc.wait()
+        done = len(metrics(out)) if (out / "metrics.csv").exists() else 0
+        points.append(point or f"after {done} epoch(s), "
+                               f"{'a' if (out / 'checkpoint.pt').exists() else 'no'} checkpoint")
+        assert_every_file_whole(out)
+        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+        subprocess.run(train_command(out, *resume), check=True, capture_output=True)
+        assert metrics(out) == expected, f"trial {trial} ({points[-1]})"
+        assert not list(out.glob(".*.tmp"))
+    print("SIGKILL points:", points)
+    assert len(set(points)) >= 3
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    PermissionError(errno.EACCES, "Permission denied"),
+])
+def test_a_failed_write_is_one_line_and_keeps_the_previous_checkpoint(failure, tmp_path,
+                                                                      monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's checkpoint: half written, then the disk fails
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise failure
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr("resnet_study.train.torch.save", save)
+    code = main(["train", "resnet18-lr0.01", "--out", str(out), *TINY[:-1], "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert failure.strerror in err.strip().splitlines()[-1]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1  # the previous checkpoint, whole
+    assert not list(out.glob(".*.tmp"))
