@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-COMMON = ["resnet18-no-bn", "--data", "synthetic", "--subset", "320", "--test-subset", "128",
+# 300 images in batches of 64: the last batch (44) is smaller, and split 22 + 22.
+COMMON = ["resnet18-no-bn", "--data", "synthetic", "--subset", "300", "--test-subset", "128",
           "--batch-size", "64", "--eval-batch-size", "128", "--epochs", "2", "--device", "cpu",
           "--deterministic", "--quiet"]
 
@@ -35,6 +36,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     weights = [torch.load(d / "checkpoint.pt", weights_only=True)["model"]
                for d in (single, double)]
     for key in weights[0]:
-        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-3, atol=1e-4)
     summary = (double / "summary.json").read_text()
     assert '"processes": 2' in summary

@@ -39,28 +39,6 @@ VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 # Settings that change how fast a run goes but not what it computes: a resume may change them.
 RUNTIME_FIELDS = {"device", "compile", "eval_batch_size"}
 EXIT_DIVERGED = 3
-class StopRequest:
-    """Turns SIGTERM and SIGINT into a request the training loop honours after its current
-    step; a second signal stops at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # only it can take signals
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --- device and precision -------------------------------------------------------------------
@@ -334,6 +312,30 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request the training loop honours after its current
+    step; a second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only it can take signals
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
     """Train one experiment into `out`; return the summary also written to summary.json."""
     cfg = exp.train
@@ -524,7 +526,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
         if ranks.world == 1 and stop is not None and stop.signal_name:
             bar.close()
             return EpochProgress(step, loss_sum.item(), seen, time.perf_counter() - start)
-        share = len(y) * ranks.world / loader.batch_size if ranks.world > 1 else 1.0
+        global_batch = min(loader.batch_size, loader.num_images - step * loader.batch_size)
+        share = len(y) * ranks.world / global_batch if ranks.world > 1 else 1.0
         loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp, share)
         loss_sum += loss * len(y)
         seen += len(y)
