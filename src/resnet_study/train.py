@@ -521,11 +521,21 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
         total, count = ranks.sum(loss_sum.item(), seen)
         return total, int(count)
 
+    def stop_now(step: int) -> bool:
+        """Whether to stop before `step`. One process checks every step; under torchrun the
+        ranks, which must stop at the same step, agree at the epoch's first step and every
+        LOG_EVERY steps after it (one small all-reduce)."""
+        if stop is None:
+            return False
+        if ranks.world == 1:
+            return stop.signal_name is not None
+        return ((step - done.step) % LOG_EVERY == 0
+                and ranks.sum(float(stop.signal_name is not None))[0] > 0)
+
     for step, (x, y) in enumerate(loader.epoch(epoch, start=done.step), start=done.step):
-        # Ranks must stop at the same step: under torchrun they agree at each log point.
-        if ranks.world == 1 and stop is not None and stop.signal_name:
+        if stop_now(step):
             bar.close()
-            return EpochProgress(step, loss_sum.item(), seen, time.perf_counter() - start)
+            return EpochProgress(step, *totals(), time.perf_counter() - start)
         global_batch = min(loader.batch_size, loader.num_images - step * loader.batch_size)
         share = len(y) * ranks.world / global_batch if ranks.world > 1 else 1.0
         loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp, share)
@@ -537,10 +547,6 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
             if not math.isfinite(total):
                 bar.close()
                 return {}, None, True
-            if (ranks.world > 1 and stop is not None and step + 1 < len(loader)
-                    and ranks.sum(float(stop.signal_name is not None))[0]):
-                bar.close()
-                return EpochProgress(step + 1, total, count, time.perf_counter() - start)
             bar.set_postfix(loss=f"{total / count:.3f}",
                             img_s=f"{count / (time.perf_counter() - start):,.0f}")
     if device.type == "cuda":
