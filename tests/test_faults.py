@@ -15,9 +15,10 @@ import torch
 
 from resnet_study.cli import EXIT_INTERRUPTED, main
 
+from .test_train import TIMINGS
+
 TINY = ["--data", "synthetic", "--subset", "256", "--test-subset", "128", "--batch-size", "32",
         "--eval-batch-size", "128", "--epochs", "3", "--deterministic", "--quiet"]
-TIMINGS = {"epoch_seconds", "eval_seconds", "images_per_second"}
 
 
 def train_command(out: Path, *extra: str) -> list[str]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import Experiment
+from .data import normalization
 from .models import build_model
 from .train import (
     autocast_dtype,
@@ -74,13 +75,12 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, batch_size: int,
     from torchvision import transforms
 
     # Per-channel statistics on the 0..1 scale, as public CIFAR code hard-codes them.
-    mean = images.mean(axis=(0, 2, 3)) / 255
-    std = images.std(axis=(0, 2, 3)) / 255
+    mean, std = normalization(images, "channel")
     transform = transforms.Compose([
         transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(mean.tolist(), std.tolist()),
+        transforms.Normalize((mean.flatten() / 255).tolist(), (std.flatten() / 255).tolist()),
     ])
     return torch.utils.data.DataLoader(
         ReferenceDataset(images, labels, transform), batch_size=batch_size, shuffle=True,
