@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test test-precision lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,14 +13,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The whole study, then its report; the report is written even when some runs failed.
+# The whole study, then its report; the report is written even when some runs failed. A study
+# refused before its first run (exit 2: no data, no device, unwritable folder) has none to report.
 run: $(STAMP)
 	status=0; $(BIN)/resnet-study study --all --out runs/study || status=$$?; \
+	if [ $$status -eq 2 ]; then exit 2; fi; \
 	$(BIN)/resnet-study report runs/study && exit $$status
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q --durations=12
+
+# The tests marked `precision` once more each way: `auto` as on a CPU without native bf16 (fp32)
+# and as on one with it (bf16), whatever this CPU is. CI runs it after `make test`.
+test-precision: $(STAMP)
+	RESNET_STUDY_CPU_BF16=0 $(BIN)/python -m pytest -q -m precision
+	RESNET_STUDY_CPU_BF16=1 $(BIN)/python -m pytest -q -m precision
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

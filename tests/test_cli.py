@@ -47,7 +47,9 @@ def test_bad_input_is_one_line_on_stderr(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_train_then_evaluate_reproduces_the_final_accuracy(tmp_path):
+@pytest.mark.precision
+def test_train_then_evaluate_reproduces_the_final_accuracy(tmp_path, auto_precision):
+    """Exact to printing in either precision: the same model, batches and kernels."""
     run = tmp_path / "run"
     result = run_cli("train", "resnet18-lr0.01", "--data", "synthetic", "--subset", "256",
                      "--batch-size", "128", "--epochs", "1", "--out", str(run), "--quiet")
@@ -59,6 +61,7 @@ def test_train_then_evaluate_reproduces_the_final_accuracy(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["test_top1"] == pytest.approx(summary["test_top1"],
                                                                       abs=1e-6)
+    assert json.loads((run / "summary.json").read_text())["precision"] == auto_precision
 
 
 def test_divergence_exits_with_its_own_status(tmp_path):

@@ -13,13 +13,26 @@ COMMON = ["resnet18-no-bn", "--data", "synthetic", "--subset", "300", "--test-su
           "--deterministic", "--quiet"]
 
 
+# Two processes compute each half-batch's forward and backward separately and sum gradients in
+# another order: equal to rounding. Measured largest differences (2026-11-27, AVX512-BF16 CPU):
+# fp32 losses 4.5e-5 relative, weights 2.2e-5; bf16 losses 4.0e-4, weights 3.9e-4 (a bf16 ulp is
+# 3.9e-3). The top-1 tolerance allows one of the 128 test images to flip in bf16.
+TOLERANCE = {
+    "fp32": {"loss_rel": 1e-4, "top1_abs": 1e-4, "weight_rtol": 1e-3, "weight_atol": 1e-4},
+    "bf16": {"loss_rel": 4e-3, "top1_abs": 1 / 128, "weight_rtol": 1.6e-2, "weight_atol": 4e-3},
+}
+
+
 def metrics(out):
     with open(out / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.precision
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path,
+                                                                          auto_precision):
+    tol = TOLERANCE[auto_precision]
     single, double = tmp_path / "single", tmp_path / "double"
     subprocess.run([sys.executable, "-m", "resnet_study", "train", *COMMON, "--out", str(single)],
                    check=True, capture_output=True)
@@ -31,11 +44,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     one, two = metrics(single), metrics(double)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
-        for key in ("train_loss", "test_loss", "test_top1"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4), key
+        for key in ("train_loss", "test_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=tol["loss_rel"]), key
+        assert float(a["test_top1"]) == pytest.approx(float(b["test_top1"]),
+                                                      abs=tol["top1_abs"])
     weights = [torch.load(d / "checkpoint.pt", weights_only=True)["model"]
                for d in (single, double)]
     for key in weights[0]:
-        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=tol["weight_rtol"],
+                                   atol=tol["weight_atol"])
+    assert f"cpu, {auto_precision}," in result.stderr  # the runs trained in that precision
     summary = (double / "summary.json").read_text()
     assert '"processes": 2' in summary

@@ -17,6 +17,8 @@ from resnet_study.cli import EXIT_INTERRUPTED, main
 
 from .test_train import TIMINGS
 
+# Resumed runs are compared with the uninterrupted one exactly, in whatever precision `auto`
+# picks here: with --deterministic a resumed run recomputes the very same steps.
 TINY = ["--data", "synthetic", "--subset", "256", "--test-subset", "128", "--batch-size", "32",
         "--eval-batch-size", "128", "--epochs", "3", "--deterministic", "--quiet"]
 

@@ -10,7 +10,10 @@ import pytest
 from scipy import stats
 
 from resnet_study import UsageError
-from resnet_study.report import PAPER, QUICK_NOTE, report
+from resnet_study.cli import main
+from resnet_study.figures import curves_figure
+from resnet_study.report import CUSTOM_NOTE, PAPER, QUICK_NOTE, report
+from resnet_study.results import scan
 from resnet_study.study import plan, run_study
 
 from .test_data import batch, write_cifar100
@@ -141,8 +144,103 @@ def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
 
 
 def test_report_of_nothing_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="no completed runs"):
+    with pytest.raises(UsageError, match="holds no runs"):
         report(tmp_path)
+
+
+def test_runs_off_the_papers_protocol_are_marked_with_their_overrides(studies):
+    """The fixture's runs train 2 epochs in batches of 64: not the paper's protocol."""
+    out = studies[False] / "report"
+    rows = {r["experiment"]: r for r in read_csv(out / "table1.csv") if r["experiment"]}
+    for name in EXPERIMENTS:
+        assert rows[name]["profile"] == "custom"
+        assert rows[name]["settings"] == "custom: epochs=2, batch_size=64"
+        assert rows[name]["difference"] == ""  # never set against the paper's 25 epochs
+        assert rows[name]["paper_top1"]  # the paper's number still stands beside it
+    assert CUSTOM_NOTE in (out / "table1.md").read_text()
+    assert r"custom: epochs=2, batch\_size=64" in (out / "table1.tex").read_text()
+    page = (out / "index.html").read_text()
+    assert html.escape(CUSTOM_NOTE) in page and "custom: epochs=2, batch_size=64" in page
+    assert {r["profile"] for r in read_csv(out / "statistics.csv")} == {"custom"}
+    header = read_csv(out / "per_class.csv")[0]
+    assert "resnet18-lr0.01 [custom: epochs=2, batch_size=64]" in header
+    results, _ = scan(studies[False])
+    fig = curves_figure(results, EXPERIMENTS, "t")
+    assert "custom settings, not the paper's protocol" in fig._suptitle.get_text()
+    assert all("epochs=2, batch_size=64" in t.get_text()
+               for t in fig.axes[0].get_legend().get_texts())
+    summary = json.loads((studies[False] / EXPERIMENTS[0] / "seed-0" / "summary.json")
+                         .read_text())
+    assert summary["profile"] == "custom" and summary["overrides"] == {"epochs": 2,
+                                                                       "batch_size": 64}
+
+
+def damage(run_dir, kind):
+    """What a partial copy, an interrupted rsync or a hand edit leaves of a finished run."""
+    if kind == "truncated summary.json":
+        (run_dir / "summary.json").write_text((run_dir / "summary.json").read_text()[:40])
+    elif kind == "metrics.csv with only its header":
+        text = (run_dir / "metrics.csv").read_text()
+        (run_dir / "metrics.csv").write_text(text.splitlines()[0] + "\n")
+    elif kind == "config.json not JSON":
+        (run_dir / "config.json").write_text("model: resnet18\n")
+    elif kind == "metrics.csv missing":
+        (run_dir / "metrics.csv").unlink()
+    elif kind == "truncated predictions.npz":
+        data = (run_dir / "predictions.npz").read_bytes()
+        (run_dir / "predictions.npz").write_bytes(data[:len(data) // 2])
+    elif kind == "checkpoint of another width":
+        config = json.loads((run_dir / "config.json").read_text())
+        config["model"]["width"] = 2
+        (run_dir / "config.json").write_text(json.dumps(config))
+
+
+DAMAGES = {"truncated summary.json": "summary.json is not valid JSON",
+           "metrics.csv with only its header": "metrics.csv holds no epochs",
+           "config.json not JSON": "config.json is not valid JSON",
+           "metrics.csv missing": "metrics.csv is missing",
+           "truncated predictions.npz": "predictions.npz is damaged"}
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_run_is_listed_and_the_rest_is_reported(kind, studies, tmp_path):
+    study = tmp_path / "copy"
+    shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
+    damage(study / "resnet18-adam" / "seed-1", kind)
+    result = report(study)
+    assert result.completed == 5
+    assert result.without_result == [{"experiment": "resnet18-adam", "run": "resnet18-adam/seed-1",
+                                      "status": "unreadable",
+                                      "reason": result.without_result[0]["reason"]}]
+    assert DAMAGES[kind] in result.without_result[0]["reason"]
+    page = (study / "report" / "index.html").read_text()
+    assert "resnet18-adam/seed-1" in page and html.escape(DAMAGES[kind]) in page
+    rows = {r["experiment"]: r for r in read_csv(study / "report" / "table1.csv")}
+    assert rows["resnet18-adam"]["n"] == "1" and rows["resnet18-lr0.01"]["n"] == "2"
+    for name in ("figure5.png", "figure6.png", "statistics.csv", "per_class.csv"):
+        assert (study / "report" / name).is_file()
+
+
+def test_a_study_whose_runs_all_failed_gets_a_page_naming_the_failures(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+                        "http://127.0.0.1:9/resnet18-f37072fd.pth")  # offline
+    study = tmp_path / "s"
+    runs = plan(["resnet18-pretrained"], 2, study, {**SETTINGS, "data": "synthetic",
+                                                    "subset": 128}, quick=False)
+    assert len(run_study(runs, log=lambda msg: None)["failed"]) == 2
+    capsys.readouterr()
+    assert main(["report", str(study)]) == 1
+    out, err = capsys.readouterr()
+    assert "report written" in out
+    assert len(err.strip().splitlines()) == 1
+    assert "no run of" in err and "2 failed: UsageError: could not download" in err
+    assert "run `resnet-study study`" not in err
+    page = (study / "report" / "index.html").read_text()
+    assert "No run of this study has completed" in page
+    assert page.count("could not download ImageNet weights") == 2
+    assert "no completed run" in (study / "report" / "table1.md").read_text()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")

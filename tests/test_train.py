@@ -87,7 +87,9 @@ def test_learns_real_images(tmp_path, standin):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.precision
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, auto_precision):
+    """Exact in either precision: a resumed run redoes what the uninterrupted one did."""
     exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2)
     full = train(exp, tmp_path / "full", quiet=True)
 
@@ -108,6 +110,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     assert without_timings(read_metrics(tmp_path / "cut")) == without_timings(
         read_metrics(tmp_path / "full"))
     assert resumed["test_top1"] == full["test_top1"]
+    assert resumed["precision"] == full["precision"] == auto_precision
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -31,6 +31,7 @@ from .train import (
     make_scheduler,
     make_splits,
     peak_memory_mib,
+    precision_name,
     reset_peak_memory,
     resolve_device,
     train_step,
@@ -133,7 +134,7 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
         result["project_over_reference"] = result["project"] / result["reference"]
     result["project_over_compute"] = result["project"] / result["compute"]
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
-                  precision="fp32" if amp is None else str(amp).removeprefix("torch."),
+                  precision=precision_name(amp),
                   batches_per_window=batches, windows=windows,
                   peak_memory_mib=peak_memory_mib(device))
     return result

@@ -196,10 +196,25 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Exit 0 with a full report, 2 when damaged runs had to be left out (bad input: repair or
+    recopy them), 1 when no run has completed; the page is written in every case."""
+    from collections import Counter
+
     from .report import report
 
-    index = report(args.study_dir)
-    print(f"report written to {index.parent} (open {index})")
+    r = report(args.study_dir)
+    print(f"report written to {r.index.parent} (open {r.index})")
+    unreadable = [u for u in r.without_result if u["status"] == "unreadable"]
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise UsageError(f"{len(unreadable)} run(s) unreadable, left out of the report and "
+                         f"listed on its page: {unreadable[0]['run']}: "
+                         f"{unreadable[0]['reason']}{more}")
+    if not r.completed:
+        reasons = Counter(f"{u['status']}: {u['reason']}" for u in r.without_result)
+        print(f"resnet-study: no run of {args.study_dir} has completed: " + "; ".join(
+            f"{n} {reason}" for reason, n in reasons.most_common()), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -244,11 +259,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"{config}: not a resnet-study config ({e})") from None
     exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", args.data),
                                                              ("device", args.device)) if v})
-    ckpt = load_checkpoint(args.run_dir / "checkpoint.pt")
+    ckpt_path = args.run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(exp.train.device)
     splits = make_splits(exp.data, exp.train, device, progress=not args.json)
     model = build_model(exp.model, len(splits.images.classes))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # another width, block, shortcut or number of classes
+        detail = next((line.strip() for line in str(e).splitlines() if "mismatch" in line
+                       or "Missing" in line or "Unexpected" in line), "another network")
+        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
+                         f"{len(splits.images.classes)} classes ({detail}); were they "
+                         "copied from different runs?") from None
     if exp.train.channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     test = evaluate(model.to(device), splits.test, autocast_dtype(exp.train.precision, device))

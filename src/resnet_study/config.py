@@ -124,7 +124,7 @@ class Experiment:
     name: str
     row: str  # the paper's label for this row of Table 1
     notes: str = ""
-    profile: Literal["paper", "quick"] = "paper"  # quick: a short try, not the paper's protocol
+    quick: bool = False  # `study --quick`: a short try of the pipeline, not the paper's protocol
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,19 +139,48 @@ class Experiment:
         return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **kv)
                                              for s, kv in sections.items() if kv})
 
+    def overrides(self) -> dict[str, Any]:
+        """The settings of the protocol in which this run departs from its preset, e.g.
+        {"epochs": 2}. Execution settings (EXECUTION_FIELDS) are not departures."""
+        preset = EXPERIMENTS.get(self.name)
+        if preset is None:
+            return {}
+        return {f.name: getattr(mine, f.name)
+                for mine, theirs in ((self.model, preset.model), (self.data, preset.data),
+                                     (self.train, preset.train))
+                for f in dataclasses.fields(mine)
+                if f.name not in EXECUTION_FIELDS
+                and getattr(mine, f.name) != getattr(theirs, f.name)}
+
+    @property
+    def profile(self) -> str:
+        """paper: a preset as the paper ran it; quick: `--quick`; custom: anything else."""
+        if self.quick:
+            return "quick"
+        return "paper" if self.name in EXPERIMENTS and not self.overrides() else "custom"
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "profile": self.profile}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
         return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
-                   profile=d.get("profile", "paper"),
+                   quick=bool(d.get("quick", d.get("profile") == "quick")),
                    model=_build(ModelConfig, d.get("model", {})),
                    data=_build(DataConfig, d.get("data", {})),
                    train=_build(TrainConfig, d.get("train", {})))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# Settings that choose how and where a run executes, not what the paper's protocol trains: a run
+# that changes them still follows the paper. (The data set is named on its own in every output.)
+EXECUTION_FIELDS = {"data", "seed", "device", "precision", "channels_last", "compile",
+                    "deterministic", "sync_bn", "eval_batch_size"}
+
+
+def describe_overrides(overrides: dict[str, Any]) -> str:
+    """`epochs=2, lr=0.05`: how every output names a run's departures from its preset."""
+    return ", ".join(f"{key}={value}" for key, value in overrides.items())
 SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from .config import Experiment, UsageError, get_experiment
+from .data import ImageSet, load_images
 from .files import write_json
+from .models import training_flops
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).
@@ -53,7 +58,7 @@ def plan(names: list[str], seeds: int, root: Path, overrides: dict, quick: bool,
     for name in names:
         base = get_experiment(name).replace(**{**(QUICK if quick else {}), **overrides})
         if quick:
-            base = dataclasses.replace(base, profile="quick")
+            base = dataclasses.replace(base, quick=True)
         for seed in range(seeds):
             runs.append(Run(base.replace(seed=seed), root / name / f"seed-{seed}"))
     i, n = shard
@@ -73,13 +78,19 @@ def status(run: Run) -> str:
     return "partial" if (run.out / "checkpoint.pt").exists() else "new"
 
 
-def execute(run: Run, device: str | None = None) -> dict:
+def execute(run: Run, device: str | None = None,
+            on_epoch: Callable[[Run, dict], None] | None = None) -> dict:
     """Train one run (resuming it if it was interrupted); a failure becomes its summary."""
     from .train import train
 
     exp = run.experiment if device is None else run.experiment.replace(device=device)
+    def epoch_done(row: dict) -> None:
+        if on_epoch is not None:
+            on_epoch(run, row)
+
     try:
-        return train(exp, run.out, resume=(run.out / "checkpoint.pt").exists(), quiet=True)
+        return train(exp, run.out, resume=(run.out / "checkpoint.pt").exists(), quiet=True,
+                     on_epoch=epoch_done)
     except Exception as e:  # out of memory, weights offline, bad data: record it and go on
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         summary = {"experiment": exp.name, "seed": exp.train.seed, "status": "failed",
@@ -89,16 +100,87 @@ def execute(run: Run, device: str | None = None) -> dict:
         return summary
 
 
+def prepare(runs: list[Run], root: Path,
+            devices: list[str] | None) -> tuple[dict[str, ImageSet], bool]:
+    """Resolve, once and before any run starts, what every run needs: its devices, its data
+    (download, md5 check, decode, cache) and a writable study folder. A fault there would fail
+    every run alike; raised here it is one line and leaves no run directory behind. Returns the
+    data sets by name and whether the study runs on CPUs alone."""
+    from .train import resolve_device
+
+    resolved = [resolve_device(d) for d in devices
+                or dict.fromkeys(r.experiment.train.device for r in runs)]
+    images = {spec: load_images(spec) for spec in dict.fromkeys(r.experiment.data.data
+                                                                for r in runs)}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise UsageError(f"cannot write the study to {root} ({e.strerror or e}); "
+                         "choose another --out") from None
+    return images, all(d.type == "cpu" for d in resolved)
+
+
+class Clock:
+    """The study's wall time, estimated from its first epoch and then from its finished runs.
+
+    Runs differ in cost: a run's epoch weighs its training FLOPs per image times its images
+    (the test pass counted as a third of a training step), so one measured epoch of any run
+    prices all of them.
+    """
+
+    def __init__(self, todo: list[Run], images: dict[str, ImageSet], workers: int) -> None:
+        self.workers = workers
+        self.per_epoch = {r.label: _epoch_cost(r, images[r.experiment.data.data]) for r in todo}
+        self.left = {r.label: (r.experiment.train.epochs - _epochs_done(r)) * self.per_epoch[
+            r.label] for r in todo}
+        self.start = time.monotonic()
+        self.seconds_per_cost: float | None = None
+        self.done = 0.0
+
+    def first_epoch(self, run: Run, row: dict) -> float | None:
+        """The whole study's estimated wall time, once: from the first epoch measured."""
+        if self.seconds_per_cost is not None:
+            return None
+        self.seconds_per_cost = row["epoch_seconds"] / self.per_epoch[run.label]
+        return self.seconds_per_cost * sum(self.left.values()) / self.workers
+
+    def finished(self, run: Run) -> float | None:
+        """Seconds left after `run`, at the pace of the runs finished so far."""
+        self.done += self.left.pop(run.label)
+        if self.done:
+            return (time.monotonic() - self.start) / self.done * sum(self.left.values())
+        return None
+
+
+def _epoch_cost(run: Run, images: ImageSet) -> float:
+    d = run.experiment.data
+    train = len(images.train_labels) - d.val_split
+    train = min(train, d.subset) if d.subset else train
+    test = len(images.test_labels) + d.val_split
+    test = min(test, d.test_subset + d.val_split) if d.test_subset else test
+    return training_flops(run.experiment.model, len(images.classes)) * (train + test / 3)
+
+
+def _epochs_done(run: Run) -> int:
+    """Epochs an interrupted run has behind it (its metrics.csv rows); 0 for a new run."""
+    try:
+        return max(0, len((run.out / "metrics.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
 _worker_device: str | None = None
+_worker_epochs: mp.Queue | None = None
 
 
-def _claim_device(devices: mp.Queue) -> None:
-    global _worker_device
-    _worker_device = devices.get()
+def _init_worker(devices: mp.Queue, epochs: mp.Queue) -> None:
+    global _worker_device, _worker_epochs
+    _worker_device, _worker_epochs = devices.get(), epochs
 
 
 def _execute_on_worker_device(run: Run) -> dict:
-    return execute(run, _worker_device)
+    return execute(run, _worker_device, lambda run, row: _worker_epochs.put((run, row)))
 
 
 def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> dict[str, list]:
@@ -115,32 +197,49 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
         else:
             todo.append(run)
     log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go")
-    start, done = time.monotonic(), 0
+    if not todo:
+        return outcomes
+    root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
+    images, on_cpu = prepare(todo, root, devices)
     workers = max(1, len(devices or []))
+    clock = Clock(todo, images, workers)
+    done = 0
+
+    def first_epoch(run: Run, row: dict) -> None:
+        total = clock.first_epoch(run, row)
+        if total is None:
+            return
+        log(f"study: about {_duration(total)} in all on this machine, from the first epoch of "
+            f"{run.label} ({row['epoch_seconds']:.1f} s)")
+        if total > 3600 and on_cpu:
+            log("study: that is long on a CPU: add --quick for a short try of every experiment "
+                "(not the paper's protocol), or run it on a GPU (README, 'Speed')")
 
     def progress(run: Run, summary: dict) -> None:
         nonlocal done
         done += 1
         outcomes[summary["status"]].append(run.label)
-        left = len(todo) - done
-        eta = (time.monotonic() - start) / done * left / workers
-        running = min(workers, left)
+        left = clock.finished(run)
+        running = min(workers, len(todo) - done)
         failed = len(outcomes["failed"]) + len(outcomes["diverged"])
         note = f" ({summary.get('error', '')})" if summary["status"] == "failed" else ""
+        eta = f", ~{_duration(left)} left" if left is not None and done < len(todo) else ""
         log(f"study: {run.label} {summary['status']}{note} | {done}/{len(todo)} done, "
-            f"{running} running, {failed} failed, ~{_duration(eta)} left")
+            f"{running} running, {failed} failed{eta}")
 
     if devices:
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        queue = ctx.Queue()
+        queue, epochs = ctx.Queue(), ctx.Queue()
         for d in devices:
             queue.put(d)
-        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_claim_device,
-                                 initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(queue, epochs)) as pool:
             pending: dict[Future, Run] = {pool.submit(_execute_on_worker_device, r): r
                                           for r in todo}
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
+                while not epochs.empty():
+                    first_epoch(*epochs.get())
                 for f in finished:
                     run = pending.pop(f)
                     try:
@@ -150,7 +249,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
                     progress(run, summary)
     else:
         for run in todo:
-            progress(run, execute(run))
+            progress(run, execute(run, on_epoch=first_epoch))
     return outcomes
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
-from .config import DataConfig, Experiment, Interrupted, TrainConfig, UsageError
+from .config import (
+    DataConfig,
+    Experiment,
+    Interrupted,
+    TrainConfig,
+    UsageError,
+    describe_overrides,
+)
 from .files import atomic_open, load_tensors, write_csv, write_json
 from .models import build_model, count_params
 
@@ -52,9 +60,25 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} requested but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s): cuda:0 and up")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"device {name!r} is not supported; use cpu or cuda")
     return device
+
+
+CPU_BF16_SWITCH = "RESNET_STUDY_CPU_BF16"  # 1: `auto` trains in bf16 on the CPU, 0: in fp32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether `auto` takes this CPU for one with native bf16: detected, unless the switch says."""
+    switch = os.environ.get(CPU_BF16_SWITCH, "")
+    if switch not in ("", "0", "1"):
+        raise UsageError(f"{CPU_BF16_SWITCH} must be 0 (fp32) or 1 (bf16), not {switch!r}")
+    if switch:
+        return switch == "1"
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -62,16 +86,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     `auto` picks bf16 only where the hardware computes it natively: on a CPU without
     AVX512-BF16 or AMX, oneDNN emulates bf16 and a training step runs about 8x slower than
-    float32 (measured on an AVX2-only EPYC, benchmarks/RESULTS.md).
+    float32 (measured on an AVX2-only EPYC, benchmarks/RESULTS.md). `CPU_BF16_SWITCH` overrides
+    that detection, so that one machine can run what either kind of CPU would.
     """
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if cpu_has_bf16() else None
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -336,8 +364,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Train one experiment into `out`; return the summary also written to summary.json."""
+def protocol_note(exp: Experiment) -> str:
+    """What a run's log says when it is not the paper's protocol, naming the departures."""
+    if exp.profile == "paper":
+        return ""
+    changed = describe_overrides(exp.overrides())
+    kind = "QUICK profile" if exp.quick else "custom settings"
+    return f" [{kind}, not the paper's protocol{': ' + changed if changed else ''}]"
+
+
+def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train one experiment into `out`; return the summary also written to summary.json.
+    `on_epoch` sees each finished epoch's metrics row (a study times its first one)."""
     cfg = exp.train
     out = Path(out)
     ckpt_path = out / "checkpoint.pt"
@@ -392,10 +431,9 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     params = count_params(model)
     log = ((lambda msg: None) if not ranks.main else
            (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write)
-    profile = " [QUICK profile, not the paper's protocol]" if exp.profile == "quick" else ""
-    log(f"{exp.name}{profile}: {params:,} parameters, {splits.train.num_images:,} training images "
-        f"({splits.images.name}), {device.type}, "
-        f"{'fp32' if amp is None else str(amp).removeprefix('torch.')}, "
+    log(f"{exp.name}{protocol_note(exp)}: {params:,} parameters, "
+        f"{splits.train.num_images:,} training images ({splits.images.name}), {device.type}, "
+        f"{precision_name(amp)}, "
         f"epochs {start_epoch + 1}-{cfg.epochs} of {cfg.epochs}")
 
     def summary(status: str, **extra: Any) -> dict:
@@ -408,8 +446,10 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
                                    if history else None),
              "peak_memory_mib": peak_memory_mib(device),
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "precision": precision_name(amp),
              "torch": torch.__version__, "git_commit": git_commit(),
-             "dataset": splits.images.name, "profile": exp.profile, "processes": ranks.world,
+             "dataset": splits.images.name, "profile": exp.profile,
+             "overrides": exp.overrides(), "processes": ranks.world,
              **extra}
         if ranks.main:
             write_json(out / "summary.json", s)
@@ -456,6 +496,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
                     f"test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.4f}  "
                     f"top-5 {row['test_top5']:.4f}  {row['images_per_second']:,.0f} img/s  "
                     f"{row['epoch_seconds']:.1f} s")
+                if on_epoch is not None and ranks.main:
+                    on_epoch(row)
     except Exception as e:
         summary("failed", error=f"{type(e).__name__}: {e}")
         raise

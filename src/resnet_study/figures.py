@@ -1,0 +1,126 @@
+"""The report's figures: the paper's loss curves with seed bands, its data figures, and the
+class confusion it lacked. Each is saved as SVG (byte-stable) and PNG (embedded in the page)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+matplotlib.rcParams["svg.hashsalt"] = "resnet-study"  # same results, byte-identical SVGs
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .data import PAD, DeviceLoader, ImageSet, normalization  # noqa: E402
+from .results import Run  # noqa: E402
+
+FIGURES = {  # the paper's own groupings of loss curves
+    "figure5": ("Initial learning rate", ["resnet18-lr0.1", "resnet18-lr0.01",
+                                          "resnet18-lr0.001"]),
+    "figure6": ("SGD, Adam and Adam + gradient clipping", ["resnet18-lr0.01", "resnet18-adam",
+                                                           "resnet18-adam-clip"]),
+    "figure7": ("Without batch norm, with dropout", ["resnet18-lr0.01", "resnet18-no-bn",
+                                                     "resnet18-dropout"]),
+    "figure8": ("Wide blocks, 3x3 shortcuts, pre-activation",
+                ["resnet18-lr0.01", "resnet18-wide", "resnet18-3x3-shortcut",
+                 "resnet18-preact"]),
+    "figure9": ("New Wide ResNet-18, pre-trained and base",
+                ["new-wide-resnet18", "resnet18-pretrained", "resnet18-lr0.01"]),
+}
+
+
+def save(fig, out: Path, name: str) -> str:
+    """Write `name`.svg and `name`.png; return the PNG as base64 for the page."""
+    fig.savefig(out / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    (out / f"{name}.png").write_bytes(buf.getvalue())
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def protocol_mark(profiles: set[str]) -> str:
+    """The title suffix of a figure drawn from runs off the paper's protocol."""
+    if "quick" in profiles:
+        return " [QUICK profile]"
+    return " [custom settings, not the paper's protocol]" if "custom" in profiles else ""
+
+
+def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
+    """Train and validation loss, and top-1, per epoch: mean over seeds, min-max band. A legend
+    entry names its runs' departures from the preset."""
+    panels = [("train_loss", "training loss"), ("test_loss", "validation loss"),
+              ("test_top1", "top-1 accuracy")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    profiles = set()
+    for name in names:
+        runs = results.get(name)
+        if not runs:
+            continue
+        profiles |= {r.experiment.profile for r in runs}
+        settings = sorted({r.settings for r in runs} - {"paper"})
+        label = f"{name} (n={len(runs)})" + (f" [{'; '.join(settings)}]" if settings else "")
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            epochs = min(len(r.metrics[key]) for r in runs)
+            values = np.stack([r.metrics[key][:epochs] for r in runs])
+            x = np.arange(1, epochs + 1)
+            line, = ax.plot(x, values.mean(0), label=label)
+            ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        low, high = ax.dataLim.intervaly
+        if key.endswith("loss") and low > 0 and high / low > 20:
+            ax.set_yscale("log")  # one diverging run must not flatten the others
+            label += " (log scale)"
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + protocol_mark(profiles))
+    return fig
+
+
+def figure2(images: ImageSet):
+    """The first training image of each of the first 10 superclasses (CIFAR-100 only)."""
+    fig, axes = plt.subplots(1, 10, figsize=(12, 1.8))
+    for coarse, ax in enumerate(axes):
+        i = int(np.flatnonzero(images.train_coarse == coarse)[0])
+        ax.imshow(images.train_images[i].transpose(1, 2, 0))
+        ax.set_title(images.classes[images.train_labels[i]], fontsize=8)
+        ax.axis("off")
+    return fig
+
+
+def figure3(images: ImageSet, padding_mode: str, seed: int = 0):
+    """The start of the first training mini-batch, cropped and flipped exactly as in training
+    (before normalisation, so that it is viewable)."""
+    mean, std = normalization(images.train_images, "channel")
+    loader = DeviceLoader(images.train_images, images.train_labels, batch_size=64, device="cpu",
+                          mean=mean, std=std, augment=True, padding_mode=padding_mode, seed=seed)
+    g = loader.generator(0)
+    first = torch.randperm(loader.num_images, generator=g)[:64]  # as DeviceLoader.epoch draws
+    x = loader.augment_batch(first, g)[0].numpy()
+    fig, axes = plt.subplots(8, 8, figsize=(7, 7))
+    for img, ax in zip(x, axes.ravel(), strict=False):
+        ax.imshow(img.transpose(1, 2, 0))
+        ax.axis("off")
+    fig.suptitle(f"A training mini-batch: random 32x32 crops of {PAD}-pixel {padding_mode}-padded "
+                 "images, half of them flipped", fontsize=9)
+    return fig
+
+
+def confusion_figure(confusion: np.ndarray, groups: list[str], title: str):
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(confusion, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
