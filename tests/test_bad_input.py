@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from resnet_study.cli import main
 from resnet_study.models import ResNet18, load_pretrained
 
 from .test_data import Payload, pack, write_bad_cifar10, write_cifar100, write_class_folders
+from .test_report import DAMAGES, damage
 
 TRAIN = ["train", "resnet18-lr0.01", "--epochs", "1", "--batch-size", "16", "--subset", "32",
          "--test-subset", "16", "--quiet"]
@@ -81,6 +83,23 @@ def checkpoint_with(tmp: Path, content) -> Path:
     return out
 
 
+def damaged_study(tmp: Path, kind: str) -> list[str]:
+    """`report` of a two-run study whose second run is damaged (see test_report.DAMAGES)."""
+    for seed in (0, 1):
+        shutil.copytree(tmp / "run", tmp / "study" / "resnet18-lr0.01" / f"seed-{seed}")
+    damage(tmp / "study" / "resnet18-lr0.01" / "seed-1", kind)
+    return ["report", str(tmp / "study")]
+
+
+def mismatched_run(tmp: Path) -> list[str]:
+    """`evaluate` of a run whose config.json says width 2 beside a width-1 checkpoint."""
+    shutil.copytree(tmp / "run", tmp / "mixed")
+    damage(tmp / "mixed", "checkpoint of another width")
+    return ["evaluate", str(tmp / "mixed")]
+
+
+NO_NETWORK = {"RESNET_STUDY_MIRROR": "http://127.0.0.1:9"}  # a closed local port
+
 CASES = {
     # data
     "missing data path": (lambda t: [*TRAIN, "--data", str(t / "nowhere")], "does not exist"),
@@ -133,6 +152,20 @@ CASES = {
                                                str(t / "run" / "config.json" / "sub")],
                                     "Not a directory"),
     "report of nothing": (lambda t: ["report", str(t / "nowhere")], "not a study directory"),
+    "study without its data": (lambda t: ["study", "--all", "--out", str(t / "s")],
+                                "cannot download", {**NO_NETWORK, "RESNET_STUDY_DATA": "{t}/c"}),
+    "study on a missing GPU": (lambda t: ["study", "--all", "--devices", "0", "--out",
+                                          str(t / "s")], "CUDA is not available"),
+    "study into a file": (lambda t: ["study", "--all", "--data", "synthetic", "--out",
+                                     str(t / "run" / "config.json" / "s")],
+                          "cannot write the study to"),
+    # damaged runs: the report is written, the run listed; the exit says it is incomplete
+    **{f"report of a run with a {kind}": (lambda t, k=kind: damaged_study(t, k), message)
+       for kind, message in DAMAGES.items()},
+    "checkpoint does not fit its config": (mismatched_run, "does not fit"),
+    "precision switch neither 0 nor 1": (lambda t: [*TRAIN, "--data", "synthetic", "--out",
+                                                    str(t / "s")], "RESNET_STUDY_CPU_BF16 must be",
+                                         {"RESNET_STUDY_CPU_BF16": "yes"}),
 }
 
 
@@ -152,7 +185,9 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_pa
     # each case works in its own folder, beside a link to the shared finished run
     (tmp_path / "run").symlink_to(run)
     before = fingerprint(run)
-    argv, message = CASES[case]
+    argv, message, *env = CASES[case]
+    for key, value in (env[0] if env else {}).items():
+        monkeypatch.setenv(key, value.replace("{t}", str(tmp_path)))
     capsys.readouterr()
     try:
         code = main(argv(tmp_path))
@@ -165,10 +200,11 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_pa
     assert lines[0].startswith("resnet-study")
     assert fingerprint(run) == before
     assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "s").exists()  # a refused study leaves nothing behind
 
 
 def test_the_table_is_long_enough():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 40
 
 
 def test_a_weights_file_carrying_code_is_refused_not_run(tmp_path):

@@ -379,6 +379,18 @@ def test_download_failure_says_what_to_place_where(tmp_path: Path,
     assert list(tmp_path.iterdir()) == [tmp_path / "www"]
 
 
+def test_a_server_that_never_answers_fails_the_download_in_its_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.5)
+    with socket.socket() as s:  # listens, so the connection opens, but never replies
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        silent = f"http://127.0.0.1:{s.getsockname()[1]}/x.tar.gz"
+        with pytest.raises(DataError, match=f"cannot download {re.escape(silent)} .*timed out"):
+            data.download(silent, tmp_path / "x.tar.gz", "0" * 32, progress=False)
+    assert not (tmp_path / "x.tar.gz").exists()
+
+
 def test_cifar10_from_mirror(tmp_path: Path, cache: Path, server: tuple[str, Path],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     url, www = server

@@ -2,10 +2,13 @@ import json
 
 import pytest
 
-from resnet_study import UsageError
+from resnet_study import Experiment, UsageError
 from resnet_study import train as trainlib
 from resnet_study.cli import main
-from resnet_study.study import parse_shard, plan, run_study, status
+from resnet_study.config import get_experiment
+from resnet_study.data import load_images
+from resnet_study.models import training_flops
+from resnet_study.study import Clock, parse_shard, plan, run_study, status
 
 TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
             epochs=1)
@@ -22,6 +25,19 @@ def test_plan_covers_every_experiment_and_seed_once_across_shards(tmp_path):
     assert sorted(labels) == sorted(r.label for r in everything)
     assert everything[4].out == tmp_path / "resnet18-adam" / "seed-1"
     assert everything[4].experiment.train.seed == 1
+
+
+def test_a_run_is_the_papers_protocol_until_a_setting_of_its_recipe_changes():
+    exp = get_experiment("resnet18-adam")
+    assert exp.profile == "paper" and exp.overrides() == {}
+    moved = exp.replace(device="cpu", precision="fp32", eval_batch_size=10, compile=True,
+                        deterministic=True, data="cifar10")  # how and where, not what
+    assert moved.profile == "paper"
+    changed = exp.replace(epochs=5, lr=0.05, width=2)
+    assert changed.profile == "custom"
+    assert changed.overrides() == {"width": 2, "epochs": 5, "lr": 0.05}
+    again = Experiment.from_dict(json.loads(json.dumps(changed.to_dict())))
+    assert again == changed and again.to_dict()["profile"] == "custom"
 
 
 def test_quick_profile_is_marked_and_short(tmp_path):
@@ -92,6 +108,56 @@ def test_study_cli_runs_in_parallel_on_listed_devices(tmp_path, capsys):
     assert result["completed"] == 2 and result["not_completed"] == []
     assert all((tmp_path / "resnet18-lr0.01" / f"seed-{s}" / "summary.json").is_file()
                for s in range(2))
+
+
+def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
+    runs = plan(["resnet18-lr0.01", "resnet18-wide"], 1, tmp_path, {**TINY, "epochs": 2},
+                quick=False)
+    lines = []
+    run_study(runs, log=lines.append)
+    estimate = next(i for i, line in enumerate(lines) if "in all on this machine" in line)
+    assert estimate == 1 and "from the first epoch of resnet18-lr0.01/seed-0" in lines[1]
+    assert "resnet18-lr0.01/seed-0 completed" in lines[2] and "left" in lines[2]
+    assert not any("--quick" in line for line in lines)  # a short study: no advice
+
+    runs = plan(["resnet18-lr0.01", "resnet18-wide"], 1, tmp_path / "new", {**TINY, "epochs": 2},
+                quick=False)
+    clock = Clock(runs, {"synthetic": load_images("synthetic")}, workers=1)
+    total = clock.first_epoch(runs[0], {"epoch_seconds": 10.0})
+    wide = training_flops(runs[1].experiment.model, 10) / training_flops(
+        runs[0].experiment.model, 10)
+    assert 3 < wide < 5  # width 2: about 4x the work per image
+    assert total == pytest.approx(10.0 * 2 * (1 + wide))
+    assert clock.first_epoch(runs[0], {"epoch_seconds": 99.0}) is None  # said once
+
+
+def test_a_long_study_on_a_cpu_points_to_quick_and_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(Clock, "first_epoch", lambda self, run, row: 3 * 24 * 3600.0)
+    lines = []
+    run_study(plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False), log=lines.append)
+    assert any("about 3d00h in all" in line for line in lines)
+    assert any("--quick" in line and "GPU" in line for line in lines)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--data", "cifar100"], {"RESNET_STUDY_MIRROR": "http://127.0.0.1:9"}, "cannot download"),
+    (["--data", "synthetic", "--device", "cuda"], {}, "CUDA is not available"),
+    (["--data", "synthetic", "--devices", "0,1"], {}, "CUDA is not available"),
+    (["--data", "synthetic", "--out", "{file}/study"], {}, "cannot write the study to"),
+])
+def test_a_fault_every_run_would_hit_stops_the_study_before_any_run(args, env, message,
+                                                                    tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv("RESNET_STUDY_DATA", str(tmp_path / "empty-cache"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "study"
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    assert main(["study", "--all", "--out", str(out), *args]) == 2  # a later --out wins
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("resnet-study: error:") and message in err[0]
+    assert not list(tmp_path.rglob("seed-*"))
 
 
 @pytest.mark.parametrize("args, message", [

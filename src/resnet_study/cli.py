@@ -264,14 +264,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(exp.train.device)
     splits = make_splits(exp.data, exp.train, device, progress=not args.json)
     model = build_model(exp.model, len(splits.images.classes))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # another width, block, shortcut or number of classes
-        detail = next((line.strip() for line in str(e).splitlines() if "mismatch" in line
-                       or "Missing" in line or "Unexpected" in line), "another network")
+    mismatch = _mismatch(ckpt["model"], model.state_dict())
+    if mismatch:  # another width, block, shortcut or number of classes
         raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
-                         f"{len(splits.images.classes)} classes ({detail}); were they "
-                         "copied from different runs?") from None
+                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
+                         "copied from different runs?")
+    model.load_state_dict(ckpt["model"])
     if exp.train.channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     test = evaluate(model.to(device), splits.test, autocast_dtype(exp.train.precision, device))
@@ -281,6 +279,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           f"{r['test_loss']:.4f}  top-1 {r['test_top1']:.4f}  "
                           f"top-5 {r['test_top5']:.4f}")
     return 0
+
+
+def _mismatch(saved: dict, expected: dict) -> str:
+    """The first difference between a checkpoint's weights and those the config builds."""
+    for key, tensor in expected.items():
+        if key not in saved:
+            return f"the config's {key} is not in the checkpoint"
+        if getattr(saved[key], "shape", None) != tensor.shape:
+            shape = list(getattr(saved[key], "shape", []))
+            return f"{key} is {shape} in the checkpoint, {list(tensor.shape)} for the config"
+    extra = next((key for key in saved if key not in expected), None)
+    return f"the checkpoint's {extra} is not in the config's network" if extra else ""
 
 
 COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_study,

@@ -41,6 +41,9 @@ MD5 = {"cifar100": "eb9058c3a382ffc7106e4002c42a8d85",
        "cifar10": "c58f30108f718f92721af3b95e74349a"}
 DEFAULT_MIRROR = "https://www.cs.toronto.edu/~kriz"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Seconds a download waits for the server to connect or send its next bytes: a machine whose
+# network drops packets fails in that time rather than hanging before a study's first run.
+DOWNLOAD_TIMEOUT = 20
 SIZE = 32  # CIFAR images are 32x32; so must every image be
 PAD = 4  # random-crop padding on each side, as in the ResNet paper's CIFAR recipe
 
@@ -182,7 +185,7 @@ def _official_archive(spec: str, cache_dir: Path, progress: bool) -> Path:
 def download(url: str, dest: Path, md5: str, *, progress: bool = True) -> Path:
     """Fetch `url` to `dest`; `dest` appears only once its md5 is right."""
     try:
-        with urlopen(url, timeout=60) as response, atomic_open(dest) as f:
+        with urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, atomic_open(dest) as f:
             size = int(response.headers.get("Content-Length") or 0) or None
             digest = hashlib.md5()
             with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name,

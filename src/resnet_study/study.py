@@ -196,11 +196,12 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
             outcomes[state].append(run.label)
         else:
             todo.append(run)
+    if todo:
+        root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
+        images, on_cpu = prepare(todo, root, devices)
     log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go")
     if not todo:
         return outcomes
-    root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
-    images, on_cpu = prepare(todo, root, devices)
     workers = max(1, len(devices or []))
     clock = Clock(todo, images, workers)
     done = 0
@@ -254,5 +255,13 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
 
 
 def _duration(seconds: float) -> str:
+    """45s, 12m, 3h05m, 2d07h: as precise as an estimate deserves."""
+    if seconds < 90:
+        return f"{round(seconds)}s"
     minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+    if minutes < 60:
+        return f"{minutes}m"
+    if minutes < 48 * 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    hours = round(seconds / 3600)
+    return f"{hours // 24}d{hours % 24:02d}h"
