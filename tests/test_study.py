@@ -116,7 +116,8 @@ def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
     lines = []
     run_study(runs, log=lines.append)
     estimate = next(i for i, line in enumerate(lines) if "in all on this machine" in line)
-    assert estimate == 1 and "from the first epoch of resnet18-lr0.01/seed-0" in lines[1]
+    assert estimate == 1 and "(resnet18-lr0.01/seed-0 about " in lines[1]
+    assert "from its first epoch" in lines[1]
     assert "resnet18-lr0.01/seed-0 completed" in lines[2] and "left" in lines[2]
     assert not any("--quick" in line for line in lines)  # a short study: no advice
 
@@ -128,11 +129,14 @@ def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
         runs[0].experiment.model, 10)
     assert 3 < wide < 5  # width 2: about 4x the work per image
     assert total == pytest.approx(10.0 * 2 * (1 + wide))
+    assert clock.estimate(runs[1]) == pytest.approx(10.0 * 2 * wide)
     assert clock.first_epoch(runs[0], {"epoch_seconds": 99.0}) is None  # said once
 
 
 def test_a_long_study_on_a_cpu_points_to_quick_and_the_gpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(Clock, "first_epoch", lambda self, run, row: 3 * 24 * 3600.0)
+    real = Clock.first_epoch  # as if the one epoch of this one run had taken three days
+    monkeypatch.setattr(Clock, "first_epoch", lambda self, run, row: real(
+        self, run, {**row, "epoch_seconds": 3 * 24 * 3600.0}))
     lines = []
     run_study(plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False), log=lines.append)
     assert any("about 3d00h in all" in line for line in lines)

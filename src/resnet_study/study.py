@@ -145,6 +145,10 @@ class Clock:
         self.seconds_per_cost = row["epoch_seconds"] / self.per_epoch[run.label]
         return self.seconds_per_cost * sum(self.left.values()) / self.workers
 
+    def estimate(self, run: Run) -> float:
+        """The estimated wall time of all that is left of `run`, at the first epoch's pace."""
+        return self.seconds_per_cost * self.left[run.label]
+
     def finished(self, run: Run) -> float | None:
         """Seconds left after `run`, at the pace of the runs finished so far."""
         self.done += self.left.pop(run.label)
@@ -210,8 +214,9 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
         total = clock.first_epoch(run, row)
         if total is None:
             return
-        log(f"study: about {_duration(total)} in all on this machine, from the first epoch of "
-            f"{run.label} ({row['epoch_seconds']:.1f} s)")
+        log(f"study: about {_duration(total)} in all on this machine ({run.label} about "
+            f"{_duration(clock.estimate(run))}), from its first epoch ({row['epoch_seconds']:.1f} "
+            "s)")
         if total > 3600 and on_cpu:
             log("study: that is long on a CPU: add --quick for a short try of every experiment "
                 "(not the paper's protocol), or run it on a GPU (README, 'Speed')")
