@@ -104,8 +104,10 @@ def test_study_cli_runs_in_parallel_on_listed_devices(tmp_path, capsys):
     for key, value in TINY.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    result = json.loads(out)
     assert result["completed"] == 2 and result["not_completed"] == []
+    assert "in all on this machine" in err  # the workers report their first epoch
     assert all((tmp_path / "resnet18-lr0.01" / f"seed-{s}" / "summary.json").is_file()
                for s in range(2))
 

@@ -159,6 +159,13 @@ class Experiment:
             return "quick"
         return "paper" if self.name in EXPERIMENTS and not self.overrides() else "custom"
 
+    @property
+    def settings(self) -> str:
+        """How every output names a run's protocol: `paper`, or its profile and departures
+        from the preset, `custom: epochs=2, lr=0.05`."""
+        changed = ", ".join(f"{key}={value}" for key, value in self.overrides().items())
+        return self.profile + (f": {changed}" if changed else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "profile": self.profile}
 
@@ -172,16 +179,11 @@ class Experiment:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 # Settings that choose how and where a run executes, not what the paper's protocol trains: a run
 # that changes them still follows the paper. (The data set is named on its own in every output.)
 EXECUTION_FIELDS = {"data", "seed", "device", "precision", "channels_last", "compile",
                     "deterministic", "sync_bn", "eval_batch_size"}
-
-
-def describe_overrides(overrides: dict[str, Any]) -> str:
-    """`epochs=2, lr=0.05`: how every output names a run's departures from its preset."""
-    return ", ".join(f"{key}={value}" for key, value in overrides.items())
-SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
         if not runs:
             continue
         profiles |= {r.experiment.profile for r in runs}
-        settings = sorted({r.settings for r in runs} - {"paper"})
+        settings = sorted({r.experiment.settings for r in runs} - {"paper"})
         label = f"{name} (n={len(runs)})" + (f" [{'; '.join(settings)}]" if settings else "")
         for ax, (key, _) in zip(axes, panels, strict=True):
             epochs = min(len(r.metrics[key]) for r in runs)

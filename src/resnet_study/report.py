@@ -53,6 +53,11 @@ def _minutes(seconds: float) -> str:
 
 # --- Table 1 ----------------------------------------------------------------------------------
 
+def _settings(runs: list[Run]) -> str:
+    """The settings of an experiment's runs (normally one; several if the runs disagree)."""
+    return "; ".join(sorted({r.experiment.settings for r in runs}))
+
+
 def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -> list[dict]:
     """One row per experiment in the paper's order; one whose runs all failed gets n = 0."""
     rows = []
@@ -79,7 +84,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
             "paper_top1": paper.get("top1"),
             "difference": float(top1.mean()) - paper["top1"] if paper and profile == "paper"
             else None,
-            "profile": profile, "settings": "; ".join(sorted({r.settings for r in runs}))})
+            "profile": profile, "settings": _settings(runs)})
     return rows
 
 
@@ -139,10 +144,6 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
 
 
 # --- statistics -------------------------------------------------------------------------------
-
-def _settings(runs: list[Run]) -> str:
-    return "; ".join(sorted({r.settings for r in runs}))
-
 
 def compare_with_base(results: dict[str, list[Run]]) -> list[dict]:
     """Welch's t-test and 95% CI for each modification's mean top-1 minus the base model's."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EXPERIMENTS, Experiment, UsageError, describe_overrides
+from .config import EXPERIMENTS, Experiment, UsageError
 
 CURVES = ("train_loss", "test_loss", "test_top1")  # the metrics.csv columns the figures draw
 
@@ -31,12 +31,6 @@ class Run:
     predictions: dict[str, np.ndarray] | None  # predicted and true class per test image
     dir: Path
 
-    @property
-    def settings(self) -> str:
-        """`paper`, or the profile and the departures from the preset: `custom: epochs=2`."""
-        exp = self.experiment
-        changed = describe_overrides(exp.overrides())
-        return exp.profile + (f": {changed}" if changed else "")
 
 
 class Unreadable(Exception):

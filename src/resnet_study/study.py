@@ -84,6 +84,7 @@ def execute(run: Run, device: str | None = None,
     from .train import train
 
     exp = run.experiment if device is None else run.experiment.replace(device=device)
+
     def epoch_done(row: dict) -> None:
         if on_epoch is not None:
             on_epoch(run, row)
@@ -158,12 +159,14 @@ class Clock:
 
 
 def _epoch_cost(run: Run, images: ImageSet) -> float:
+    """FLOPs of one epoch: training images x a step's FLOPs, evaluated images x a third."""
     d = run.experiment.data
     train = len(images.train_labels) - d.val_split
+    test = len(images.test_labels)
     train = min(train, d.subset) if d.subset else train
-    test = len(images.test_labels) + d.val_split
-    test = min(test, d.test_subset + d.val_split) if d.test_subset else test
-    return training_flops(run.experiment.model, len(images.classes)) * (train + test / 3)
+    test = min(test, d.test_subset) if d.test_subset else test
+    flops = training_flops(run.experiment.model, len(images.classes))
+    return flops * (train + (test + d.val_split) / 3)
 
 
 def _epochs_done(run: Run) -> int:

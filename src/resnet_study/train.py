@@ -29,14 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
-from .config import (
-    DataConfig,
-    Experiment,
-    Interrupted,
-    TrainConfig,
-    UsageError,
-    describe_overrides,
-)
+from .config import DataConfig, Experiment, Interrupted, TrainConfig, UsageError
 from .files import atomic_open, load_tensors, write_csv, write_json
 from .models import build_model, count_params
 
@@ -366,11 +359,7 @@ class StopRequest:
 
 def protocol_note(exp: Experiment) -> str:
     """What a run's log says when it is not the paper's protocol, naming the departures."""
-    if exp.profile == "paper":
-        return ""
-    changed = describe_overrides(exp.overrides())
-    kind = "QUICK profile" if exp.quick else "custom settings"
-    return f" [{kind}, not the paper's protocol{': ' + changed if changed else ''}]"
+    return "" if exp.profile == "paper" else f" [{exp.settings}; not the paper's protocol]"
 
 
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
