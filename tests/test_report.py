@@ -167,8 +167,7 @@ def test_runs_off_the_papers_protocol_are_marked_with_their_overrides(studies):
     results, _ = scan(studies[False])
     fig = curves_figure(results, EXPERIMENTS, "t")
     assert "custom settings, not the paper's protocol" in fig._suptitle.get_text()
-    assert all("epochs=2, batch_size=64" in t.get_text()
-               for t in fig.axes[0].get_legend().get_texts())
+    assert all("epochs=2, batch_size=64" in t.get_text() for t in fig.legends[0].get_texts())
     summary = json.loads((studies[False] / EXPERIMENTS[0] / "seed-0" / "summary.json")
                          .read_text())
     assert summary["profile"] == "custom" and summary["overrides"] == {"epochs": 2,

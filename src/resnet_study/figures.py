@@ -80,7 +80,10 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # below the panels, where long labels (overrides) cover no curve
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(labels), 2), fontsize=8, frameon=False)
     fig.suptitle(title + protocol_mark(profiles))
     return fig
 

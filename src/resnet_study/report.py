@@ -273,7 +273,8 @@ def report(root: Path) -> Report:
             notes.append(f"Figures 2 and 3 and the per-class results need the data set "
                          f"({first.data.data}), which could not be read: {e}")
     dataset = images.name if images else (
-        next(iter(results.values()))[0].summary.get("dataset", "?") if results else "no data")
+        next(iter(results.values()))[0].summary.get("dataset", "?") if results
+        else "unknown (no run completed)")
     write_tables(rows, out, dataset)
     if images is not None and images.superclasses is not None:
         figures.append(("figure2", "Figure 2: the first image of the first 10 superclasses.",

@@ -22,6 +22,7 @@ from .config import Experiment, UsageError, get_experiment
 from .data import ImageSet, load_images
 from .files import write_json
 from .models import training_flops
+from .train import check_sizes, resolve_device, train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).
@@ -81,8 +82,6 @@ def status(run: Run) -> str:
 def execute(run: Run, device: str | None = None,
             on_epoch: Callable[[Run, dict], None] | None = None) -> dict:
     """Train one run (resuming it if it was interrupted); a failure becomes its summary."""
-    from .train import train
-
     exp = run.experiment if device is None else run.experiment.replace(device=device)
 
     def epoch_done(row: dict) -> None:
@@ -107,12 +106,16 @@ def prepare(runs: list[Run], root: Path,
     (download, md5 check, decode, cache) and a writable study folder. A fault there would fail
     every run alike; raised here it is one line and leaves no run directory behind. Returns the
     data sets by name and whether the study runs on CPUs alone."""
-    from .train import resolve_device
-
     resolved = [resolve_device(d) for d in devices
                 or dict.fromkeys(r.experiment.train.device for r in runs)]
     images = {spec: load_images(spec) for spec in dict.fromkeys(r.experiment.data.data
                                                                 for r in runs)}
+    for run in runs:
+        exp = run.experiment
+        try:
+            check_sizes(exp.data, exp.train, len(images[exp.data.data].train_labels))
+        except UsageError as e:
+            raise UsageError(f"{run.label}: {e}") from None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=root).close()
@@ -161,9 +164,8 @@ class Clock:
 def _epoch_cost(run: Run, images: ImageSet) -> float:
     """FLOPs of one epoch: training images x a step's FLOPs, evaluated images x a third."""
     d = run.experiment.data
-    train = len(images.train_labels) - d.val_split
+    train = check_sizes(d, run.experiment.train, len(images.train_labels))
     test = len(images.test_labels)
-    train = min(train, d.subset) if d.subset else train
     test = min(test, d.test_subset) if d.test_subset else test
     flops = training_flops(run.experiment.model, len(images.classes))
     return flops * (train + (test + d.val_split) / 3)
