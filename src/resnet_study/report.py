@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .config import BASE_EXPERIMENT, EXPERIMENTS
+from .config import BASE_EXPERIMENT, EXPERIMENTS, UsageError
 from .data import ImageSet, load_images
 from .figures import (
     FIGURES,
@@ -269,7 +269,7 @@ def report(root: Path) -> Report:
         first = next(iter(results.values()))[0].experiment
         try:
             images = load_images(first.data.data, progress=False)
-        except Exception as e:  # data gone or unreachable: the table and curves still stand
+        except UsageError as e:  # data gone or unreachable: the table and curves still stand
             notes.append(f"Figures 2 and 3 and the per-class results need the data set "
                          f"({first.data.data}), which could not be read: {e}")
     dataset = images.name if images else (

@@ -29,7 +29,6 @@ class Run:
     summary: dict
     metrics: dict[str, np.ndarray]  # column -> per-epoch values
     predictions: dict[str, np.ndarray] | None  # predicted and true class per test image
-    dir: Path
 
 
 
@@ -94,8 +93,7 @@ def _read_run(run_dir: Path) -> Run | dict:
     if len(metrics["epoch"]) != summary["epochs"]:
         raise Unreadable(f"metrics.csv holds {len(metrics['epoch'])} epochs, summary.json says "
                          f"{summary['epochs']}")
-    return Run(experiment, summary, metrics, _read_predictions(run_dir / "predictions.npz"),
-               run_dir)
+    return Run(experiment, summary, metrics, _read_predictions(run_dir / "predictions.npz"))
 
 
 def _read_json(path: Path) -> dict:
