@@ -150,6 +150,8 @@ def test_a_long_study_on_a_cpu_points_to_quick_and_the_gpu(tmp_path, monkeypatch
     (["--data", "synthetic", "--device", "cuda"], {}, "CUDA is not available"),
     (["--data", "synthetic", "--devices", "0,1"], {}, "CUDA is not available"),
     (["--data", "synthetic", "--out", "{file}/study"], {}, "cannot write the study to"),
+    (["--data", "synthetic", "--subset", "32"], {},
+     "resnet18-lr0.1/seed-0: batch_size 256 is larger than the 32 training images"),
 ])
 def test_a_fault_every_run_would_hit_stops_the_study_before_any_run(args, env, message,
                                                                     tmp_path, monkeypatch,

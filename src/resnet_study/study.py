@@ -205,12 +205,14 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
             outcomes[state].append(run.label)
         else:
             todo.append(run)
-    if todo:
-        root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
-        images, on_cpu = prepare(todo, root, devices)
-    log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go")
+    plan_line = (f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, "
+                 f"{len(todo)} to go")
     if not todo:
+        log(plan_line)
         return outcomes
+    root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
+    images, on_cpu = prepare(todo, root, devices)
+    log(plan_line)
     workers = max(1, len(devices or []))
     clock = Clock(todo, images, workers)
     done = 0
