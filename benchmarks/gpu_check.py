@@ -115,6 +115,11 @@ def table(out: Path) -> None:
                      f"{b['reference']:,.0f}; project/reference {b['project_over_reference']:.2f},"
                      f" project/compute {b['project_over_compute']:.2f}; peak "
                      f"{b['peak_memory_mib']:,.0f} MiB ({b['precision']})"))
+        fraction = (f", {b['project_fraction_of_peak']:.1%} of {b['peak_tflops']:,.0f}"
+                    if b["peak_tflops"] else ", device peak not known")
+        rows.append(("bench (model TFLOP/s)",
+                     f"compute {b['compute_tflops']:.2f}, project {b['project_tflops']:.2f}"
+                     f"{fraction}"))
     base = out / "base-summary.json"
     if base.exists():
         s = json.loads(base.read_text())

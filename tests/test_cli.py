@@ -82,6 +82,10 @@ def test_bench_reports_three_rates_their_ratios_and_peak_memory(capsys):
     assert result["project_over_reference"] == pytest.approx(
         result["project"] / result["reference"])
     assert result["peak_memory_mib"] > 50  # the model, its gradients and the data at least
+    assert 0.2 < result["gflop_per_image"] < 0.24  # 10 classes; 0.218 with the paper's 100
+    assert result["project_tflops"] == pytest.approx(result["project"] * result[
+        "gflop_per_image"] / 1e3)
+    assert result["peak_tflops"] is None and result["project_fraction_of_peak"] is None  # CPU
 
 
 def test_bench_without_reference_prints_a_table(capsys):
@@ -89,3 +93,4 @@ def test_bench_without_reference_prints_a_table(capsys):
                  "--no-reference"]) == 0
     out = capsys.readouterr().out
     assert "project / compute" in out and "reference" not in out
+    assert "model TFLOP/s" in out and "device peak not known" in out

@@ -18,6 +18,8 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume"):
         assert f"{check}" in summary and "FAILED" not in summary
-    assert "project/reference" in summary and "base run, 1 epochs  completed" in summary
+    assert "project/reference" in summary and "bench (model TFLOP/s)" in summary
+    assert any(line.split()[:5] == ["base", "run,", "1", "epochs", "completed,"]
+               for line in summary.splitlines())
     assert "1/1 done" in summary
     assert "gpu_check:" in result.stdout and "passed" in result.stdout.splitlines()[-1]

@@ -96,6 +96,17 @@ def test_small_map_conv_is_the_convolution_as_a_matrix_product(size, stride, bia
         torch.testing.assert_close(u, v)
 
 
+def test_small_map_conv_takes_the_matrix_product_on_the_cpu_only():
+    """Elsewhere (CUDA, or the meta device that counts FLOPs) the convolution runs as such."""
+    conv = Conv2d(6, 10, 3, padding=1, bias=False)
+    convolved = []
+    real = conv._conv_forward
+    conv._conv_forward = lambda x, *a: convolved.append(x.device.type) or real(x, *a)
+    conv(torch.randn(2, 6, 1, 1))
+    conv.to("meta")(torch.empty(2, 6, 1, 1, device="meta"))
+    assert convolved == ["meta"]
+
+
 def test_preact_shortcut_has_bn_before_conv_and_no_final_bn():
     model = ResNet18(ModelConfig(block="pre"))
     ds = model.layer2[0].downsample

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .config import Experiment
 from .data import normalization
-from .models import build_model
+from .models import build_model, training_flops
 from .train import (
     autocast_dtype,
     make_optimizer,
@@ -39,6 +39,16 @@ from .train import (
 
 # A long schedule, so the LR stays sane however many steps the benchmark takes.
 SCHEDULE_STEPS = 100_000
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets, by device
+# name; the first match counts. Elsewhere (CPUs, other cards, fp32) the peak is not stated.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -133,6 +143,14 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     if reference:
         result["project_over_reference"] = result["project"] / result["reference"]
     result["project_over_compute"] = result["project"] / result["compute"]
+    # Model FLOPs (the convolutions' nominal work, forward and backward) per image, whatever
+    # kernels the device ran: achieved TFLOP/s against the device's peak is the roofline view.
+    gflop = training_flops(exp.model, num_classes) / 1e9
+    peak = peak_tflops(device, precision_name(amp))
+    result.update(gflop_per_image=gflop, compute_tflops=result["compute"] * gflop / 1e3,
+                  project_tflops=result["project"] * gflop / 1e3, peak_tflops=peak,
+                  project_fraction_of_peak=(result["project"] * gflop / 1e3 / peak
+                                            if peak else None))
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
                   precision=precision_name(amp),
                   batches_per_window=batches, windows=windows,

@@ -234,7 +234,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.reference:
         lines += [f"  reference (torchvision DataLoader): {r['reference']:8,.0f} img/s",
                   f"  project / reference:                {r['project_over_reference']:8.3f}"]
+    peak = (f"{r['project_fraction_of_peak']:.1%} of the device's {r['peak_tflops']:,.0f}"
+            if r["peak_tflops"] else "device peak not known")
     lines += [f"  project / compute:                  {r['project_over_compute']:8.3f}",
+              f"  model TFLOP/s (compute, project):   {r['compute_tflops']:8.3f} "
+              f"{r['project_tflops']:8.3f}  ({r['gflop_per_image']:.3f} GFLOP per image; "
+              f"{peak})",
               f"  peak memory:                        {r['peak_memory_mib'] or 0:8,.0f} MiB"]
     _report(r, args.json, "\n".join(lines))
     return 0
