@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from resnet_study import Experiment, UsageError
 from resnet_study import train as trainlib
@@ -9,6 +10,8 @@ from resnet_study.config import get_experiment
 from resnet_study.data import load_images
 from resnet_study.models import training_flops
 from resnet_study.study import Clock, parse_shard, plan, run_study, status
+
+from .test_train import read_metrics, without_timings
 
 TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
             epochs=1)
@@ -98,18 +101,27 @@ def test_one_failure_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
     assert status(runs[1]) == "failed"  # retried by the next invocation
 
 
-def test_study_cli_runs_in_parallel_on_listed_devices(tmp_path, capsys):
-    args = ["study", "resnet18-lr0.01", "--seeds", "2", "--out", str(tmp_path),
-            "--devices", "cpu,cpu"]
-    for key, value in TINY.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    assert main(args) == 0
-    out, err = capsys.readouterr()
-    result = json.loads(out)
-    assert result["completed"] == 2 and result["not_completed"] == []
-    assert "in all on this machine" in err  # the workers report their first epoch
-    assert all((tmp_path / "resnet18-lr0.01" / f"seed-{s}" / "summary.json").is_file()
-               for s in range(2))
+def test_runs_at_once_on_one_device_give_what_each_gives_alone(tmp_path, capsys):
+    """Two processes sharing the CPU, against the same runs one after another: bit-identical
+    with --deterministic (what several runs on one GPU must keep, there within cuDNN's noise)."""
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 2}.items()]
+    for out, extra in (("alone", []), ("together", ["--devices", "cpu", "--runs-per-device",
+                                                    "2"])):
+        assert main(["study", "resnet18-lr0.01", "--seeds", "2", "--deterministic", "--device",
+                     "cpu", "--out", str(tmp_path / out), *settings, *extra]) == 0
+        printed, log = capsys.readouterr()
+        result = json.loads(printed.splitlines()[-1])
+        assert result["completed"] == 2 and result["not_completed"] == []
+        assert "in all on this machine" in log  # in parallel, the workers report their epochs
+    for seed in (0, 1):
+        alone, together = (tmp_path / out / "resnet18-lr0.01" / f"seed-{seed}"
+                           for out in ("alone", "together"))
+        assert without_timings(read_metrics(alone)) == without_timings(read_metrics(together))
+        a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"]
+                for d in (alone, together))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["study", "--all", "--runs-per-device", "0"]) == 2
+    assert "--runs-per-device must be >= 1" in capsys.readouterr().err
 
 
 def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a short try (few epochs on a subset), marked quick in every output")
     p.add_argument("--shard", default="1/1", help="run the i-th of n disjoint parts: i/n")
     p.add_argument("--devices", help="run one run per listed device in parallel: 0,1 or cpu,cpu")
+    p.add_argument("--runs-per-device", type=int, default=1,
+                   help="runs at once on each device (--devices, else --device), as processes")
     add_config_flags(p)
 
     p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
@@ -183,10 +185,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
     names = list(EXPERIMENTS) if args.all else args.experiments
     runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
+    if args.runs_per_device < 1:
+        raise UsageError(f"--runs-per-device must be >= 1, not {args.runs_per_device}")
     devices = None
     if args.devices:
         devices = [d if d == "cpu" or d.startswith("cuda") else f"cuda:{d}"
                    for d in args.devices.split(",")]
+    elif args.runs_per_device > 1:
+        devices = [overrides.get("device", "auto")]
+    if devices:
+        devices = [d for d in devices for _ in range(args.runs_per_device)]
     outcomes = run_study(runs, devices)
     bad = outcomes["failed"] + outcomes["diverged"]
     print(json.dumps({"study": str(args.out), "runs": len(runs),
