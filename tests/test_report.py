@@ -201,22 +201,27 @@ DAMAGES = {"truncated summary.json": "summary.json is not valid JSON",
            "truncated predictions.npz": "predictions.npz is damaged"}
 
 
-@pytest.mark.parametrize("kind", DAMAGES)
-def test_a_damaged_run_is_listed_and_the_rest_is_reported(kind, studies, tmp_path):
+def test_damaged_runs_are_listed_and_the_rest_is_reported(studies, tmp_path):
+    """One report over five runs, each damaged its own way, and the one run left whole."""
     study = tmp_path / "copy"
     shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
-    damage(study / "resnet18-adam" / "seed-1", kind)
+    damaged = dict(zip(["resnet18-adam/seed-0", "resnet18-adam/seed-1", "resnet18-no-bn/seed-0",
+                        "resnet18-no-bn/seed-1", "resnet18-lr0.01/seed-1"], DAMAGES, strict=True))
+    for run, kind in damaged.items():
+        damage(study / run, kind)
     result = report(study)
-    assert result.completed == 5
-    assert result.without_result == [{"experiment": "resnet18-adam", "run": "resnet18-adam/seed-1",
-                                      "status": "unreadable",
-                                      "reason": result.without_result[0]["reason"]}]
-    assert DAMAGES[kind] in result.without_result[0]["reason"]
+    assert result.completed == 1
+    reasons = {u["run"]: u["reason"] for u in result.without_result}
+    assert {u["status"] for u in result.without_result} == {"unreadable"}
+    assert reasons.keys() == damaged.keys()
     page = (study / "report" / "index.html").read_text()
-    assert "resnet18-adam/seed-1" in page and html.escape(DAMAGES[kind]) in page
+    for run, kind in damaged.items():
+        assert DAMAGES[kind] in reasons[run], (run, reasons[run])
+        assert run in page and html.escape(DAMAGES[kind]) in page
     rows = {r["experiment"]: r for r in read_csv(study / "report" / "table1.csv")}
-    assert rows["resnet18-adam"]["n"] == "1" and rows["resnet18-lr0.01"]["n"] == "2"
-    for name in ("figure5.png", "figure6.png", "statistics.csv", "per_class.csv"):
+    assert rows["resnet18-lr0.01"]["n"] == "1"
+    assert rows["resnet18-adam"]["n"] == rows["resnet18-no-bn"]["n"] == "0"
+    for name in ("figure5.png", "figure7.png", "statistics.csv", "per_class.csv", "confusion.png"):
         assert (study / "report" / name).is_file()
 
 
