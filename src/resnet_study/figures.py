@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .data import PAD, DeviceLoader, ImageSet, normalization  # noqa: E402
-from .results import Run  # noqa: E402
+from .results import Run, combined_profile  # noqa: E402
 
 FIGURES = {  # the paper's own groupings of loss curves
     "figure5": ("Initial learning rate", ["resnet18-lr0.1", "resnet18-lr0.01",
@@ -46,9 +46,8 @@ def save(fig, out: Path, name: str) -> str:
 
 def protocol_mark(profiles: set[str]) -> str:
     """The title suffix of a figure drawn from runs off the paper's protocol."""
-    if "quick" in profiles:
-        return " [QUICK profile]"
-    return " [custom settings, not the paper's protocol]" if "custom" in profiles else ""
+    return {"quick": " [QUICK profile]", "custom": " [custom settings, not the paper's protocol]",
+            "paper": ""}[combined_profile(profiles)]
 
 
 def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):

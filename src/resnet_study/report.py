@@ -30,7 +30,7 @@ from .figures import (
     protocol_mark,
     save,
 )
-from .results import Run, paper_order, scan
+from .results import Run, combined_profile, paper_order, scan
 
 PAPER = tomllib.loads(resources.files(__package__).joinpath("paper.toml").read_text())
 QUICK_NOTE = ("QUICK profile: few epochs on a subset. A smoke test of the pipeline, "
@@ -72,9 +72,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
                          "difference": None, "profile": "", "settings": ""})
             continue
         top1 = np.array([r.summary["test_top1"] for r in runs])
-        profiles = {r.experiment.profile for r in runs}
-        profile = "paper" if profiles == {"paper"} else "quick" if "quick" in profiles else (
-            "custom")
+        profile = combined_profile({r.experiment.profile for r in runs})
         rows.append({
             "experiment": name, "row": runs[0].experiment.row, "params": runs[0].summary["params"],
             "epochs": runs[0].summary["epochs"],
@@ -252,8 +250,7 @@ def report(root: Path) -> Report:
     out = root / "report"
     out.mkdir(exist_ok=True)
     rows = table_rows(results, without_result)
-    profiles = {r["profile"] for r in rows if r["n"]}
-    profile = "quick" if "quick" in profiles else "custom" if "custom" in profiles else "paper"
+    profile = combined_profile({r["profile"] for r in rows if r["n"]})
     comparisons = compare_with_base(results)
     with open(out / "statistics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["experiment", "difference", "ci_low", "ci_high",
