@@ -147,10 +147,10 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     # kernels the device ran: achieved TFLOP/s against the device's peak is the roofline view.
     gflop = training_flops(exp.model, num_classes) / 1e9
     peak = peak_tflops(device, precision_name(amp))
-    result.update(gflop_per_image=gflop, compute_tflops=result["compute"] * gflop / 1e3,
-                  project_tflops=result["project"] * gflop / 1e3, peak_tflops=peak,
-                  project_fraction_of_peak=(result["project"] * gflop / 1e3 / peak
-                                            if peak else None))
+    tflops = {name: result[name] * gflop / 1e3 for name in ("compute", "project")}
+    result.update(gflop_per_image=gflop, compute_tflops=tflops["compute"],
+                  project_tflops=tflops["project"], peak_tflops=peak,
+                  project_fraction_of_peak=tflops["project"] / peak if peak else None)
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
                   precision=precision_name(amp),
                   batches_per_window=batches, windows=windows,
