@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from resnet_study import EXPERIMENTS
+from resnet_study import step as steplib
 from resnet_study import train as trainlib
 from resnet_study.models import ResNet18, count_params
 from resnet_study.report import PAPER
@@ -41,11 +42,11 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     for dtype in (None, torch.bfloat16):
         model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
         model.load_state_dict(initial)
-        optimizer = trainlib.make_optimizer(model, exp.train)
-        scheduler = trainlib.make_scheduler(optimizer, exp.train, steps_per_epoch=100)
+        optimizer = steplib.make_optimizer(model, exp.train)
+        scheduler = steplib.make_scheduler(optimizer, exp.train, steps_per_epoch=100)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-        losses[dtype] = [trainlib.train_step(model, optimizer, scheduler, scaler, x, y,
-                                             exp.train, device, dtype).item()
+        losses[dtype] = [steplib.train_step(model, optimizer, scheduler, scaler, x, y,
+                                            exp.train, device, dtype).item()
                          for _ in range(steps)]
     diff = max(abs(a - b) for a, b in zip(losses[None], losses[torch.bfloat16], strict=True))
     assert diff < 0.1, f"bf16 losses {losses[torch.bfloat16]} vs fp32 {losses[None]}"
@@ -65,7 +66,7 @@ def check_resume(device: torch.device, workdir: Path) -> str:
     real_epoch = trainlib._train_epoch
 
     def first_epoch_only(*args):
-        if args[6] == 1:
+        if args[4] == 1:  # the epoch index
             raise Interrupt
         return real_epoch(*args)
 

@@ -9,7 +9,16 @@ from resnet_study.cli import main
 from resnet_study.config import get_experiment
 from resnet_study.data import load_images
 from resnet_study.models import training_flops
-from resnet_study.study import Clock, parse_shard, plan, run_study, status
+from resnet_study.study import (
+    MAX_RUNS_PER_GPU,
+    Clock,
+    auto_runs_per_device,
+    parse_shard,
+    plan,
+    run_study,
+    runs_that_fit,
+    status,
+)
 
 from .test_train import read_metrics, without_timings
 
@@ -70,7 +79,7 @@ def test_interrupted_run_is_resumed_not_counted(tmp_path, monkeypatch):
     real = trainlib._train_epoch
 
     def killed_in_second_epoch(*args, **kwargs):
-        if args[6] == 1:
+        if args[4] == 1:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -121,7 +130,16 @@ def test_runs_at_once_on_one_device_give_what_each_gives_alone(tmp_path, capsys)
                 for d in (alone, together))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert main(["study", "--all", "--runs-per-device", "0"]) == 2
-    assert "--runs-per-device must be >= 1" in capsys.readouterr().err
+    assert "--runs-per-device takes auto or a whole number >= 1, not '0'" in capsys.readouterr().err
+
+
+def test_auto_runs_per_device_is_one_on_a_cpu_and_what_fits_on_a_gpu(tmp_path):
+    runs = plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False)
+    assert auto_runs_per_device("cpu", runs, {"synthetic": load_images("synthetic")})[0] == 1
+    gib = 2**30
+    assert runs_that_fit(139 * gib, 2 * gib) == MAX_RUNS_PER_GPU == 4
+    assert runs_that_fit(10 * gib, 3 * gib) == 2  # 8 GiB of headroom hold two
+    assert runs_that_fit(2 * gib, 3 * gib) == 1  # never none: one run may still fit its peak
 
 
 def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):

@@ -96,7 +96,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, auto_preci
     real_epoch = trainlib._train_epoch
 
     def crash_in_third_epoch(*args, **kwargs):
-        if args[6] == 2:  # the epoch index
+        if args[4] == 2:  # the epoch index
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
@@ -180,3 +180,17 @@ def test_tensorboard_gets_every_metric_per_epoch(tmp_path):
     assert set(events.Tags()["scalars"]) == set(trainlib.METRICS)
     top1 = [e.value for e in events.Scalars("test_top1")]
     assert top1 == pytest.approx([float(r["test_top1"]) for r in rows])
+
+
+def test_cuda_graphs_on_a_cpu_train_eager_and_say_so_once(tmp_path, capsys):
+    exp = fast(epochs=1, deterministic=True)
+    train(exp, tmp_path / "eager", quiet=True)
+    capsys.readouterr()
+    asked = train(exp.replace(cuda_graphs=True), tmp_path / "asked", quiet=True)
+    err = capsys.readouterr().err
+    assert err.count("CUDA graphs off: they need a CUDA device; training eager") == 1
+    assert asked["cuda_graph"] is False and asked["capture_seconds"] == 0.0
+    assert asked["profile"] == "custom"  # subset and epochs, not the graphs, depart from paper
+    assert "cuda_graphs" not in asked["overrides"]
+    assert without_timings(read_metrics(tmp_path / "asked")) == without_timings(
+        read_metrics(tmp_path / "eager"))

@@ -12,8 +12,10 @@ the median over windows, and every window starts only after warm-up steps of its
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,21 +26,17 @@ from PIL import Image
 
 from .config import Experiment
 from .data import normalization
-from .models import build_model, training_flops
-from .train import (
+from .device import (
     autocast_dtype,
-    make_optimizer,
-    make_scheduler,
-    make_splits,
     peak_memory_mib,
     precision_name,
     reset_peak_memory,
     resolve_device,
-    train_step,
 )
+from .models import build_model, training_flops
+from .step import GraphStep, make_optimizer, make_scheduler, make_step
+from .train import make_splits
 
-# A long schedule, so the LR stays sane however many steps the benchmark takes.
-SCHEDULE_STEPS = 100_000
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets, by device
 # name; the first match counts. Elsewhere (CPUs, other cards, fp32) the peak is not stated.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -117,13 +115,18 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     model = build_model(exp.model, num_classes)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last
                      else torch.contiguous_format)
+    # One one-cycle schedule over exactly the steps the benchmark takes (compute and project).
+    steps = windows * 2 * (warmup + batches)
+    cfg = dataclasses.replace(cfg, epochs=1)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=SCHEDULE_STEPS)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=steps)
     step_model = torch.compile(model) if cfg.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    train_step = make_step(model, step_model, optimizer, scheduler, scaler, cfg, device, amp,
+                           steps, world=1, log=lambda msg: print(msg, file=sys.stderr))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> int:
-        train_step(step_model, optimizer, scheduler, scaler, x, y, cfg, device, amp)
+        train_step(x, y, 1.0)
         return len(y)
 
     ready_x, ready_y = next(splits.train.epoch(0))
@@ -131,7 +134,7 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     runs: dict[str, Callable[[], int]] = {"compute": lambda: step(ready_x, ready_y),
                                           "project": lambda: step(*next(stream))}
     if reference:
-        runs["reference"] = _reference_step(exp, splits, num_classes, device)
+        runs["reference"] = _reference_step(exp, splits, num_classes, device, steps)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(windows):
         for name, run in runs.items():
@@ -151,15 +154,18 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     result.update(gflop_per_image=gflop, compute_tflops=tflops["compute"],
                   project_tflops=tflops["project"], peak_tflops=peak,
                   project_fraction_of_peak=tflops["project"] / peak if peak else None)
+    graph = train_step if isinstance(train_step, GraphStep) else None
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
                   precision=precision_name(amp),
+                  cuda_graph=graph is not None and graph.graph is not None,
+                  capture_seconds=graph.capture_seconds if graph else 0.0,
                   batches_per_window=batches, windows=windows,
                   peak_memory_mib=peak_memory_mib(device))
     return result
 
 
-def _reference_step(exp: Experiment, splits, num_classes: int,
-                    device: torch.device) -> Callable[[], int]:
+def _reference_step(exp: Experiment, splits, num_classes: int, device: torch.device,
+                    steps: int) -> Callable[[], int]:
     from torchvision.models import resnet18
 
     cfg = exp.train
@@ -170,7 +176,7 @@ def _reference_step(exp: Experiment, splits, num_classes: int,
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=1,
-                                                    steps_per_epoch=SCHEDULE_STEPS)
+                                                    steps_per_epoch=steps)
 
     def step() -> int:
         inputs, targets = next(stream)

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a short try (few epochs on a subset), marked quick in every output")
     p.add_argument("--shard", default="1/1", help="run the i-th of n disjoint parts: i/n")
     p.add_argument("--devices", help="run one run per listed device in parallel: 0,1 or cpu,cpu")
-    p.add_argument("--runs-per-device", type=int, default=1,
-                   help="runs at once on each device (--devices, else --device), as processes")
+    p.add_argument("--runs-per-device", default="auto",
+                   help="runs at once on each device (--devices, else --device), as processes; "
+                        "auto: 1 on a CPU, as many as fit on a GPU (up to 4)")
     add_config_flags(p)
 
     p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
@@ -175,6 +176,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else EXIT_DIVERGED
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--runs-per-device takes auto or a whole number >= 1, not {text!r}")
+    return n
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import parse_shard, plan, run_study
 
@@ -185,17 +196,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
     names = list(EXPERIMENTS) if args.all else args.experiments
     runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
-    if args.runs_per_device < 1:
-        raise UsageError(f"--runs-per-device must be >= 1, not {args.runs_per_device}")
+    per_device = None if args.runs_per_device == "auto" else _positive(args.runs_per_device)
     devices = None
     if args.devices:
         devices = [d if d == "cpu" or d.startswith("cuda") else f"cuda:{d}"
                    for d in args.devices.split(",")]
-    elif args.runs_per_device > 1:
-        devices = [overrides.get("device", "auto")]
-    if devices:
-        devices = [d for d in devices for _ in range(args.runs_per_device)]
-    outcomes = run_study(runs, devices)
+    outcomes = run_study(runs, devices, per_device)
     bad = outcomes["failed"] + outcomes["diverged"]
     print(json.dumps({"study": str(args.out), "runs": len(runs),
                       **{k: len(v) for k, v in outcomes.items()},
@@ -260,8 +266,9 @@ def _report(result: dict, as_json: bool, text: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from .device import autocast_dtype, resolve_device
     from .models import build_model
-    from .train import autocast_dtype, evaluate, load_checkpoint, make_splits, resolve_device
+    from .train import evaluate, load_checkpoint, make_splits
 
     config = args.run_dir / "config.json"
     if not config.is_file():

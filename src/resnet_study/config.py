@@ -100,6 +100,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = False  # replay each SGD step as one CUDA graph (opt-in until GPU-checked)
     deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
     sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
     eval_batch_size: int = 1024
@@ -183,7 +184,7 @@ SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in da
 # Settings that choose how and where a run executes, not what the paper's protocol trains: a run
 # that changes them still follows the paper. (The data set is named on its own in every output.)
 EXECUTION_FIELDS = {"data", "seed", "device", "precision", "channels_last", "compile",
-                    "deterministic", "sync_bn", "eval_batch_size"}
+                    "cuda_graphs", "deterministic", "sync_bn", "eval_batch_size"}
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class Conv2d(nn.Conv2d):
                                            x.device)
         # A product with a 0/1 selection, not a gather: a gather's backward scatters with
         # atomic adds, which made CPU runs differ in the last bits from one process to another.
+        selection = selection.to(self.weight.dtype)  # a no-op but for float64 models
         dense = torch.einsum("ock,pqk->poqc", self.weight.flatten(2), selection)
         dense = dense.reshape(ho * wo * self.out_channels, h * w * cin)
         out = x.permute(0, 2, 3, 1).reshape(n, h * w * cin) @ dense.T

@@ -20,14 +20,19 @@ from pathlib import Path
 
 from .config import Experiment, UsageError, get_experiment
 from .data import ImageSet, load_images
+from .device import resolve_device
 from .files import write_json
-from .models import training_flops
-from .train import check_sizes, resolve_device, train
+from .models import build_model, training_flops
+from .train import check_sizes, train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).
 QUICK = {"epochs": 3, "subset": 1000, "test_subset": 1000}
 FINAL = {"completed", "diverged"}  # outcomes a rerun would only repeat
+# The most runs `--runs-per-device auto` puts on one GPU: four eager runs at once gave 3.06x the
+# throughput of one on an H200 (benchmarks/RESULTS.md, a7f281c); more were not measured.
+MAX_RUNS_PER_GPU = 4
+MEMORY_HEADROOM = 0.8  # of the GPU's free memory, the share that the runs may plan to use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +197,52 @@ def _execute_on_worker_device(run: Run) -> dict:
     return execute(run, _worker_device, lambda run, row: _worker_epochs.put((run, row)))
 
 
-def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> dict[str, list]:
-    """Run what is left of `runs`, one per device at a time; returns run labels by outcome."""
+def runs_that_fit(free_bytes: int, run_bytes: int) -> int:
+    """How many runs of `run_bytes` each share a GPU with `free_bytes` free: as many as fit in
+    its headroom, at least one, at most `MAX_RUNS_PER_GPU`."""
+    return max(1, min(MAX_RUNS_PER_GPU, int(free_bytes * MEMORY_HEADROOM // run_bytes)))
+
+
+def auto_runs_per_device(device_name: str, todo: list[Run],
+                         images: dict[str, ImageSet]) -> tuple[int, str]:
+    """`--runs-per-device auto`: one on a CPU, whose cores one run's kernels already share;
+    on a GPU, as many as its free memory holds, each run's need measured by one training step
+    of the study's costliest run (plus its images on the device), up to `MAX_RUNS_PER_GPU`."""
+    import torch
+
+    from .step import make_optimizer
+
+    device = resolve_device(device_name)
+    if device.type != "cuda":
+        return 1, "one on a CPU"
+    run = max(todo, key=lambda r: _epoch_cost(r, images[r.experiment.data.data]))
+    exp, data = run.experiment, images[run.experiment.data.data]
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    model = build_model(dataclasses.replace(exp.model, pretrained=None), len(data.classes))
+    model = model.to(device, memory_format=torch.channels_last)
+    x = torch.randn(exp.train.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, len(data.classes), (exp.train.batch_size,), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x.to(memory_format=torch.channels_last))
+                                                 .float(), y)
+    loss.backward()
+    make_optimizer(model, exp.train).step()
+    step_bytes = torch.cuda.max_memory_allocated(device) - before
+    del model, x, y, loss
+    torch.cuda.empty_cache()
+    run_bytes = step_bytes + data.train_images.nbytes + data.test_images.nbytes + 2**30
+    free, _ = torch.cuda.mem_get_info(device)
+    n = runs_that_fit(free, run_bytes)
+    return n, (f"{free / 2**30:.0f} GiB free, about {run_bytes / 2**30:.1f} GiB per "
+               f"{run.experiment.name} run, at most {MAX_RUNS_PER_GPU}")
+
+
+def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device: int | None = 1,
+              log=None) -> dict[str, list]:
+    """Run what is left of `runs`, `runs_per_device` at a time on each device (None: chosen by
+    `auto_runs_per_device`); returns run labels by outcome. Several runs at once, or runs on
+    listed devices, are worker processes; one run at a time on one device runs in this one."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     outcomes: dict[str, list[str]] = {"completed": [], "diverged": [], "failed": [],
                                       "skipped": []}
@@ -213,6 +262,16 @@ def run_study(runs: list[Run], devices: list[str] | None = None, log=None) -> di
     root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
     images, on_cpu = prepare(todo, root, devices)
     log(plan_line)
+    if runs_per_device is None:
+        runs_per_device, why = auto_runs_per_device(
+            (devices or [todo[0].experiment.train.device])[0], todo, images)
+        if runs_per_device > 1:
+            log(f"study: {runs_per_device} runs at once per device ({why}; "
+                "--runs-per-device N overrides)")
+    if runs_per_device > 1:
+        devices = devices or [todo[0].experiment.train.device]
+    if devices:
+        devices = [d for d in devices for _ in range(runs_per_device)]
     workers = max(1, len(devices or []))
     clock = Clock(todo, images, workers)
     done = 0

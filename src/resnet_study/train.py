@@ -1,16 +1,15 @@
 """The paper's training recipe: one-cycle LR per batch, checkpoints every epoch, exact resume.
 
 The loop keeps the device busy: data and augmentation already live on the device
-(`data.DeviceLoader`), and the loss is read back to the host only every `LOG_EVERY` steps
-(for the progress bar and the divergence check), never once per step.
+(`data.DeviceLoader`), the loss is read back to the host only every `LOG_EVERY` steps
+(for the progress bar and the divergence check), never once per step, and on a GPU the step
+itself can replay as one CUDA graph (`step.GraphStep`, `--cuda-graphs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
 import signal
 import subprocess
@@ -30,141 +29,28 @@ from tqdm import tqdm
 
 from . import data as datalib
 from .config import DataConfig, Experiment, Interrupted, TrainConfig, UsageError
+from .device import (
+    Ranks,
+    autocast,
+    autocast_dtype,
+    init_ranks,
+    peak_memory_mib,
+    precision_name,
+    reset_peak_memory,
+    resolve_device,
+    set_determinism,
+)
 from .files import atomic_open, load_tensors, write_csv, write_json
 from .models import build_model, count_params
+from .step import GraphStep, Step, make_optimizer, make_scheduler, make_step
 
 LOG_EVERY = 20  # steps between host reads of the loss
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
            "eval_seconds", "images_per_second"]
 VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 # Settings that change how fast a run goes but not what it computes: a resume may change them.
-RUNTIME_FIELDS = {"device", "compile", "eval_batch_size"}
+RUNTIME_FIELDS = {"device", "compile", "cuda_graphs", "eval_batch_size"}
 EXIT_DIVERGED = 3
-
-
-# --- device and precision -------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"device {name!r} requested but this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s): cuda:0 and up")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {name!r} is not supported; use cpu or cuda")
-    return device
-
-
-CPU_BF16_SWITCH = "RESNET_STUDY_CPU_BF16"  # 1: `auto` trains in bf16 on the CPU, 0: in fp32
-
-
-def cpu_has_bf16() -> bool:
-    """Whether `auto` takes this CPU for one with native bf16: detected, unless the switch says."""
-    switch = os.environ.get(CPU_BF16_SWITCH, "")
-    if switch not in ("", "0", "1"):
-        raise UsageError(f"{CPU_BF16_SWITCH} must be 0 (fp32) or 1 (bf16), not {switch!r}")
-    if switch:
-        return switch == "1"
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32. bf16 needs no loss scaling, so it is preferred.
-
-    `auto` picks bf16 only where the hardware computes it natively: on a CPU without
-    AVX512-BF16 or AMX, oneDNN emulates bf16 and a training step runs about 8x slower than
-    float32 (measured on an AVX2-only EPYC, benchmarks/RESULTS.md). `CPU_BF16_SWITCH` overrides
-    that detection, so that one machine can run what either kind of CPU would.
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else None
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak, so that runs sharing a process (a study) each report their own."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with contextlib.suppress(OSError):  # Linux only; elsewhere the peak is the process's
-            Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mib(device: torch.device) -> float | None:
-    """CUDA's peak allocation on a GPU, else the process's peak resident set (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return None
-
-
-def set_determinism(cfg: TrainConfig) -> None:
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.deterministic)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-
-
-# --- several processes (torchrun) ---------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Ranks:
-    """This process's place among torchrun's; rank 0 alone writes files and logs."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, *values: float) -> list[float]:
-        """Sums over all ranks (one collective call), as float64 on the host."""
-        if self.world == 1:
-            return list(values)
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when it started us."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -220,31 +106,6 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
         test=datalib.DeviceLoader(*test, **evaluation),
         val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
     )
-
-
-# --- optimisation -----------------------------------------------------------------------------
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    fused = {"foreach": True}  # one kernel per parameter group, not per tensor
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The paper's "one cycle policy", stepped every batch; its "initial LR" is max_lr."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                               steps_per_epoch=steps_per_epoch)
-
-
-def clip_gradients(model: nn.Module, cfg: TrainConfig) -> None:
-    if cfg.grad_clip and cfg.clip_mode == "value":
-        nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
-    elif cfg.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
 
 
 @torch.inference_mode()
@@ -433,6 +294,9 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
         f"{splits.train.num_images:,} training images ({splits.images.name}), {device.type}, "
         f"{precision_name(amp)}, "
         f"epochs {start_epoch + 1}-{cfg.epochs} of {cfg.epochs}")
+    train_step = make_step(model, step_model, optimizer, scheduler, scaler, cfg, device, amp,
+                           len(splits.train), ranks.world, log)
+    graph = train_step if isinstance(train_step, GraphStep) else None
 
     def summary(status: str, **extra: Any) -> dict:
         last = history[-1] if history else {}
@@ -448,6 +312,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
              "torch": torch.__version__, "git_commit": git_commit(),
              "dataset": splits.images.name, "profile": exp.profile,
              "overrides": exp.overrides(), "processes": ranks.world,
+             "cuda_graph": graph is not None and graph.graph is not None,
+             "capture_seconds": graph.capture_seconds if graph else 0.0,
              **extra}
         if ranks.main:
             write_json(out / "summary.json", s)
@@ -465,8 +331,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     try:
         with StopRequest() as stop:
             for epoch in range(start_epoch, cfg.epochs):
-                result = _train_epoch(step_model, optimizer, scheduler, scaler, splits, cfg,
-                                      epoch, device, amp, quiet, stop, partial, ranks, model)
+                result = _train_epoch(train_step, scheduler, splits, cfg, epoch, device, amp, quiet,
+                                      stop, partial, ranks, model)
                 partial = None
                 if isinstance(result, EpochProgress):  # stopped on request, mid-epoch
                     checkpoint(epoch, dataclasses.asdict(result))
@@ -507,28 +373,6 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     return summary("completed")
 
 
-def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device, amp,
-               grad_scale: float = 1.0) -> torch.Tensor:
-    """One optimisation step; returns the batch's mean loss as a device tensor (no host sync).
-
-    Under DDP, which averages gradients over ranks, `grad_scale` = world x share / global batch
-    makes that average the gradient of the global batch's mean loss, whatever the shares.
-    """
-    with autocast(device, amp):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss * grad_scale).backward()
-    if cfg.grad_clip:
-        scaler.unscale_(optimizer)
-        clip_gradients(model, cfg)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return loss.detach()
-
-
 @dataclasses.dataclass
 class EpochProgress:
     """Where an epoch stood when a stop was requested: enough to finish it exactly."""
@@ -539,15 +383,13 @@ class EpochProgress:
     seconds: float
 
 
-def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: TrainConfig,
-                 epoch: int, device: torch.device, amp, quiet: bool,
-                 stop: StopRequest | None = None, partial: dict | None = None,
-                 ranks: Ranks = Ranks(), eval_model: nn.Module | None = None,
+def _train_epoch(train_step: Step, scheduler, splits: Splits, cfg: TrainConfig, epoch: int,
+                 device: torch.device, amp, quiet: bool, stop: StopRequest | None,
+                 partial: dict | None, ranks: Ranks, eval_model: nn.Module,
                  ) -> tuple[dict, np.ndarray | None, bool] | EpochProgress:
-    """One epoch of `model` (possibly compiled or DDP-wrapped), then the test set on
-    `eval_model` (the plain module); or where it stood if a stop was requested."""
+    """One epoch of `train_step` (`step.make_step`), then the test set on `eval_model` (the plain
+    module); or where it stood if a stop was requested."""
     loader = splits.train
-    eval_model = eval_model or model
     done = EpochProgress(**partial) if partial else EpochProgress(0, 0.0, 0, 0.0)
     # Sums over all ranks are kept by rank 0 alone, so that reducing them again is exact.
     loss_sum = torch.tensor(done.loss_sum if ranks.main else 0.0, device=device,
@@ -578,7 +420,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, splits: Splits, cfg: Train
             return EpochProgress(step, *totals(), time.perf_counter() - start)
         global_batch = min(loader.batch_size, loader.num_images - step * loader.batch_size)
         share = len(y) * ranks.world / global_batch if ranks.world > 1 else 1.0
-        loss = train_step(model, optimizer, scheduler, scaler, x, y, cfg, device, amp, share)
+        loss = train_step(x, y, share)
         loss_sum += loss * len(y)
         seen += len(y)
         bar.update()

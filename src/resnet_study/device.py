@@ -1,0 +1,139 @@
+"""Where a run executes: its device, its precision, its memory peak, its determinism, and its
+place among torchrun's processes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig, UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} requested but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s): cuda:0 and up")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+CPU_BF16_SWITCH = "RESNET_STUDY_CPU_BF16"  # 1: `auto` trains in bf16 on the CPU, 0: in fp32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether `auto` takes this CPU for one with native bf16: detected, unless the switch says."""
+    switch = os.environ.get(CPU_BF16_SWITCH, "")
+    if switch not in ("", "0", "1"):
+        raise UsageError(f"{CPU_BF16_SWITCH} must be 0 (fp32) or 1 (bf16), not {switch!r}")
+    if switch:
+        return switch == "1"
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32. bf16 needs no loss scaling, so it is preferred.
+
+    `auto` picks bf16 only where the hardware computes it natively: on a CPU without
+    AVX512-BF16 or AMX, oneDNN emulates bf16 and a training step runs about 8x slower than
+    float32 (measured on an AVX2-only EPYC, benchmarks/RESULTS.md). `CPU_BF16_SWITCH` overrides
+    that detection, so that one machine can run what either kind of CPU would.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak, so that runs sharing a process (a study) each report their own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux only; elsewhere the peak is the process's
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """CUDA's peak allocation on a GPU, else the process's peak resident set (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return None
+
+
+def set_determinism(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
+# --- several processes (torchrun) ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's; rank 0 alone writes files and logs."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Sums over all ranks (one collective call), as float64 on the host."""
+        if self.world == 1:
+            return list(values)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when it started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device

@@ -1,0 +1,153 @@
+"""The graph-ready step (what a CUDA graph replays) against PyTorch's eager step, on the CPU."""
+
+import pytest
+import torch
+
+from resnet_study import step as steplib
+from resnet_study.config import ModelConfig, TrainConfig
+from resnet_study.models import ResNet18
+
+STEPS_PER_EPOCH = 3
+
+
+def setup(cfg: TrainConfig, state: dict | None = None):
+    torch.manual_seed(0)
+    model = ResNet18(ModelConfig(), num_classes=10).double()
+    if state is not None:
+        model.load_state_dict(state)
+    optimizer = steplib.make_optimizer(model, cfg)
+    scheduler = steplib.make_scheduler(optimizer, cfg, STEPS_PER_EPOCH)
+    return model, optimizer, scheduler
+
+
+def batches(n: int, size: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 3, 32, 32, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def eager_run(cfg: TrainConfig, data) -> tuple:
+    model, optimizer, scheduler = setup(cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    for x, y in data:
+        group = optimizer.param_groups[0]
+        seen.append((group["lr"], group["momentum"]))
+        steplib.train_step(model, optimizer, scheduler, scaler, x, y, cfg, torch.device("cpu"),
+                           None)
+    return model, optimizer, scheduler, seen
+
+
+def graph_ready_run(cfg: TrainConfig, data, model=None, optimizer=None, scheduler=None):
+    if model is None:
+        model, optimizer, scheduler = setup(cfg)
+    step = steplib.GraphStep(model, optimizer, scheduler, cfg, None, STEPS_PER_EPOCH,
+                             capture=False, log=print)
+    for x, y in data:
+        step(x, y)
+    return model, optimizer, scheduler
+
+
+def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
+    (model_a, opt_a, sched_a), (model_b, opt_b, sched_b) = a[:3], b[:3]
+    for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(opt_a.state[p]["momentum_buffer"],
+                                   opt_b.state[q]["momentum_buffer"], rtol=rtol, atol=atol)
+    assert sched_a.state_dict() == sched_b.state_dict()
+    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
+
+
+# In float64, so that rounding (the two steps order some operations differently) stays far
+# under the tolerance, and a wrong LR or momentum on any step far over it.
+@pytest.mark.parametrize("cfg", [
+    TrainConfig(epochs=2, lr=0.01),
+    TrainConfig(epochs=2, lr=0.01, nesterov=True, grad_clip=0.5, clip_mode="norm",
+                label_smoothing=0.1),
+    TrainConfig(epochs=2, lr=0.01, weight_decay=0.0, grad_clip=0.01, clip_mode="value"),
+], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay"])
+def test_graph_ready_step_trains_like_the_eager_step(cfg):
+    data = batches(2 * STEPS_PER_EPOCH)
+    assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
+
+
+def test_a_wrong_momentum_is_caught():
+    """The comparison above can fail: the same step with one-cycle's momentum held fixed."""
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    data = batches(2 * STEPS_PER_EPOCH)
+    real = steplib.schedule_table
+    steplib.schedule_table = lambda *a: real(*a).index_fill(1, torch.tensor([1]), 0.9)
+    try:
+        wrong = graph_ready_run(cfg, data)
+    finally:
+        steplib.schedule_table = real
+    with pytest.raises(AssertionError):
+        assert_same_training(eager_run(cfg, data), wrong)
+
+
+def test_schedule_table_is_onecycle_step_by_step():
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    seen = eager_run(cfg, batches(2 * STEPS_PER_EPOCH))[3]
+    table = steplib.schedule_table(cfg, STEPS_PER_EPOCH, torch.device("cpu"))
+    assert table.shape == (2 * STEPS_PER_EPOCH, 2)
+    assert torch.equal(table, torch.tensor(seen, dtype=torch.float32))
+    assert seen[0][0] < seen[2][0] > seen[-1][0]  # one cycle: up, then down
+    assert seen[0][1] > seen[2][1] < seen[-1][1]  # momentum the other way
+
+
+def test_graph_ready_step_resumes_from_saved_state():
+    """A run stopped after 3 steps and rebuilt from its state dicts, as a checkpoint resumes
+    it, continues exactly as the run that never stopped."""
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    data = batches(2 * STEPS_PER_EPOCH)
+    straight = graph_ready_run(cfg, data)
+    first = graph_ready_run(cfg, data[:STEPS_PER_EPOCH])
+    model, optimizer, scheduler = setup(cfg, first[0].state_dict())
+    optimizer.load_state_dict(first[1].state_dict())
+    scheduler.load_state_dict(first[2].state_dict())
+    resumed = graph_ready_run(cfg, data[STEPS_PER_EPOCH:], model, optimizer, scheduler)
+    assert_same_training(straight, resumed, rtol=0, atol=0)
+
+
+def test_a_failed_capture_says_so_once_and_training_goes_on(monkeypatch):
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    data = batches(2 * STEPS_PER_EPOCH)
+
+    class Refused(RuntimeError):
+        pass
+
+    def capture_refused(graph):
+        raise Refused("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", capture_refused)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    model, optimizer, scheduler = setup(cfg)
+    lines = []
+    step = steplib.GraphStep(model, optimizer, scheduler, cfg, None, STEPS_PER_EPOCH,
+                             capture=True, log=lines.append)
+    step.warmup = 0  # the side-stream warm-up needs CUDA; the capture is what is tested
+    for x, y in data:
+        step(x, y)
+    assert len(lines) == 1 and lines[0].startswith("CUDA graph capture failed (Refused: ")
+    assert lines[0].endswith("; training eager")
+    assert step.graph is None and not step.capture
+    assert_same_training(eager_run(cfg, data), (model, optimizer, scheduler))
+
+
+@pytest.mark.parametrize("change, obstacle", [
+    ({}, None),
+    ({"device": torch.device("cpu")}, "they need a CUDA device"),
+    ({"world": 2}, "not under torchrun"),
+    ({"cfg": TrainConfig(optimizer="adam")}, "the graph-ready step is SGD's, and this run uses "
+                                             "adam"),
+    ({"amp": torch.float16}, "fp16 needs loss scaling"),
+    ({"cfg": TrainConfig(compile=True)}, "--compile builds graphs of its own"),
+])
+def test_runs_that_cannot_use_graphs_are_named(change, obstacle):
+    args = {"cfg": TrainConfig(), "device": torch.device("cuda"), "amp": torch.bfloat16,
+            "world": 1, **change}
+    reason = steplib.graph_obstacle(**args)
+    assert reason == obstacle if obstacle is None else reason.startswith(obstacle)
