@@ -1,13 +1,16 @@
-"""Helpers of gpu_check.sh: the CUDA-path checks, and the closing table.
+"""Helpers of gpu_check.sh: the CUDA-path checks, the study projection, and the closing table.
 
     python benchmarks/gpu_check.py cuda-path DEVICE WORKDIR   # exit 1 if a check fails
+    python benchmarks/gpu_check.py projection STUDY OUT       # the 12 x 3 study from its epochs
     python benchmarks/gpu_check.py table OUT                  # summarise what the script wrote
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +56,51 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
+def check_graph_step(device: torch.device, steps: int = 12) -> str:
+    """The step replayed as a CUDA graph against PyTorch's eager step, from one initialisation
+    on the same batches, in float32 (on a CPU the graph-ready step runs uncaptured). Training
+    on noise amplifies rounding from step to step, so the yardstick is how far an eager run
+    moves when one initial weight moves by one float32 ulp."""
+    exp = EXPERIMENTS["resnet18-lr0.01"]
+    cfg = dataclasses.replace(exp.train, epochs=1)
+    torch.manual_seed(0)
+    batches = [(torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last),
+                torch.randint(0, 100, (64,), device=device)) for _ in range(steps)]
+    initial = ResNet18(exp.model).state_dict()
+    weights, graph_step = {}, None
+    for run in ("eager", "nudged", "graph"):
+        model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
+        model.load_state_dict(initial)
+        if run == "nudged":
+            with torch.no_grad():
+                model.fc.weight[0, 0] = torch.nextafter(model.fc.weight[0, 0],
+                                                        torch.tensor(float("inf"), device=device))
+        optimizer = steplib.make_optimizer(model, cfg)
+        scheduler = steplib.make_scheduler(optimizer, cfg, steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        step = (steplib.GraphStep(model, optimizer, scheduler, cfg, None, steps,
+                                  capture=device.type == "cuda", log=print) if run == "graph" else
+                steplib.make_step(model, model, optimizer, scheduler, scaler, cfg, device, None,
+                                  steps, world=1, log=print))
+        for x, y in batches:
+            step(x, y)
+        weights[run] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        graph_step = step
+    captured = graph_step.graph is not None
+    assert captured or device.type != "cuda", "the step was not captured"
+    assert graph_step.index.item() == steps == graph_step.scheduler.last_epoch, \
+        f"the graph's step counter reads {graph_step.index.item()} after {steps} steps"
+
+    def moved(run: str) -> float:
+        return ((weights[run] - weights["eager"]).norm() / weights["eager"].norm()).item()
+
+    assert moved("graph") <= 10 * moved("nudged") + 1e-6, \
+        f"graph vs eager {moved('graph'):.1e}, one-ulp nudge {moved('nudged'):.1e}"
+    return (f"{steps} steps {'captured' if captured else 'uncaptured'} vs eager: weights differ "
+            f"by {moved('graph'):.1e} (relative), a one-ulp nudge of one initial weight moves "
+            f"them {moved('nudged'):.1e}")
+
+
 class Interrupt(Exception):
     pass
 
@@ -94,7 +142,8 @@ def cuda_path(device_name: str, workdir: Path) -> int:
     results = {}
     for name, check in [("parameter counts", check_param_counts),
                         ("bf16 vs fp32", lambda: check_bf16_against_fp32(device)),
-                        ("checkpoint resume", lambda: check_resume(device, workdir))]:
+                        ("checkpoint resume", lambda: check_resume(device, workdir)),
+                        ("CUDA graph step", lambda: check_graph_step(device))]:
         try:
             results[name] = {"ok": True, "detail": check()}
         except Exception as e:  # report every check, then fail
@@ -104,34 +153,77 @@ def cuda_path(device_name: str, workdir: Path) -> int:
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
+def projection(study: Path, out: Path, epochs: int = 25, seeds: int = 3) -> None:
+    """The whole study (every experiment x `seeds` at `epochs`) projected from one measured epoch
+    per row, at the study's runs per device; a row with no epoch (not run, or failed) is priced
+    at the mean of the measured rows and marked so. Written to OUT/projection.json."""
+    measured = {}
+    for metrics in sorted(study.glob("*/seed-0/metrics.csv")):
+        with open(metrics) as f:
+            first = next(csv.DictReader(f), None)
+        if first:
+            measured[metrics.parent.parent.name] = float(first["epoch_seconds"])
+    log = (out / "study.log").read_text() if (out / "study.log").exists() else ""
+    at_once = re.search(r"study: (\d+) runs at once per device", log)
+    at_once = int(at_once.group(1)) if at_once else 1
+    if not measured:
+        print("projection: no row finished an epoch")
+        return
+    mean = sum(measured.values()) / len(measured)
+    rows = {name: measured.get(name, mean) for name in EXPERIMENTS}
+    total = sum(rows.values()) * epochs * seeds / at_once
+    result = {"epoch_seconds": measured, "estimated_rows": sorted(set(EXPERIMENTS) - set(measured)),
+              "runs_at_once": at_once, "epochs": epochs, "seeds": seeds,
+              "projected_seconds": total}
+    (out / "projection.json").write_text(json.dumps(result, indent=1))
+    print(f"projection: {len(EXPERIMENTS)} x {seeds} runs x {epochs} epochs, {at_once} at once: "
+          f"{total / 60:.1f} min ({len(measured)} rows measured)")
+
+
 def table(out: Path) -> None:
     rows = []
     path = out / "cuda_path.json"
     for name, r in (json.loads(path.read_text()) if path.exists() else {}).items():
         rows.append((name, ("ok: " if r["ok"] else "FAILED: ") + r["detail"]))
-    if (out / "bench.json").exists():
-        b = json.loads((out / "bench.json").read_text())
-        rows.append(("bench (img/s)",
+    bench = {mode: json.loads((out / f"bench-{mode}.json").read_text())
+             for mode in ("eager", "graphs") if (out / f"bench-{mode}.json").exists()}
+    for mode, b in bench.items():
+        graph = "captured" if b["cuda_graph"] else "not captured"
+        rows.append((f"bench {mode} (img/s)",
                      f"compute {b['compute']:,.0f}, project {b['project']:,.0f}, reference "
                      f"{b['reference']:,.0f}; project/reference {b['project_over_reference']:.2f},"
                      f" project/compute {b['project_over_compute']:.2f}; peak "
-                     f"{b['peak_memory_mib']:,.0f} MiB ({b['precision']})"))
+                     f"{b['peak_memory_mib']:,.0f} MiB ({b['precision']}, {graph})"))
         fraction = (f", {b['project_fraction_of_peak']:.1%} of {b['peak_tflops']:,.0f}"
                     if b["peak_tflops"] else ", device peak not known")
-        rows.append(("bench (model TFLOP/s)",
+        rows.append((f"bench {mode} (model TFLOP/s)",
                      f"compute {b['compute_tflops']:.2f}, project {b['project_tflops']:.2f}"
                      f"{fraction}"))
+    if len(bench) == 2:
+        gain = {r: bench["graphs"][r] / bench["eager"][r] for r in ("compute", "project")}
+        rows.append(("graphs / eager", f"compute {gain['compute']:.2f}x, project "
+                     f"{gain['project']:.2f}x"))
     base = out / "base-summary.json"
     if base.exists():
         s = json.loads(base.read_text())
+        graph = (f"graph captured in {s['capture_seconds']:.2f} s" if s.get("cuda_graph")
+                 else "graph not captured")
         rows.append((f"base run, {s['epochs']} epochs",
                      f"{s['status']}, top-1 {s['test_top1']:.4f} on {s['dataset']}, "
-                     f"{s['train_seconds']:.1f} s training+evaluation, "
+                     f"{s['train_seconds']:.1f} s training+evaluation "
+                     f"({graph}), "
                      f"{s['images_per_second']:,.0f} img/s, peak {s['peak_memory_mib']:,.0f} MiB"))
     study = out / "study.log"
     if study.exists():
         last = [line for line in study.read_text().splitlines() if line.startswith("study:")]
-        rows.append(("quick study", last[-1] if last else "did not start"))
+        rows.append(("one epoch per row", last[-1] if last else "did not start"))
+    path = out / "projection.json"
+    if path.exists():
+        p = json.loads(path.read_text())
+        rows.append((f"PROJECTED {len(EXPERIMENTS)} x {p['seeds']} study",
+                     f"{p['projected_seconds'] / 60:.1f} min at {p['epochs']} epochs, "
+                     f"{p['runs_at_once']} runs at once, from {len(p['epoch_seconds'])} measured "
+                     f"rows' first epoch (a projection, not a measurement)"))
     width = max(len(name) for name, _ in rows) if rows else 0
     print("\nGPU check summary")
     for name, result in rows:
@@ -142,4 +234,7 @@ if __name__ == "__main__":
     command, arg = sys.argv[1], Path(sys.argv[-1])
     if command == "cuda-path":
         sys.exit(cuda_path(sys.argv[2], arg))
-    table(arg)
+    if command == "projection":
+        projection(Path(sys.argv[2]), arg)
+    else:
+        table(arg)

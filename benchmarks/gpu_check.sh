@@ -6,9 +6,11 @@
 #   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh    # on a CPU, tiny sizes (a test runs this)
 #
 # It checks the CUDA path (parameter counts, bf16 against float32, checkpoint and resume on the
-# device), runs `resnet-study bench`, trains the base model for 25 epochs on the CIFAR-10 JPEG
-# stand-in, runs the quick study if time is left, writes its logs under $OUT (default: a new
-# temporary folder) and ends with a short table. The stand-in is read from $GPU_CHECK_DATA
+# device, the captured CUDA-graph step against the eager one), runs `resnet-study bench` eager
+# and with --cuda-graphs, trains the base model for 25 epochs on the CIFAR-10 JPEG stand-in with
+# --cuda-graphs, then trains one full-data epoch of every row of Table 1 as a study (runs per
+# GPU chosen automatically) and projects the whole 12 x 3 study at 25 epochs from it. It writes
+# its logs under $OUT (default: a new temporary folder) and ends with a short table. The stand-in is read from $GPU_CHECK_DATA
 # (default .gpu/cifar10-jpeg.tar.gz, a git-ignored copy of ../shared/data/cifar10-jpeg.tar.gz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,12 +26,12 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     DEVICE=cpu DATA=synthetic BUDGET=600
     BENCH=(--batch-size 32 --batches 1 --windows 1)
     BASE=(--epochs 1 --subset 256 --test-subset 256 --batch-size 64)
-    QUICK=(resnet18-lr0.01 --seeds 1 --epochs 1 --subset 128 --test-subset 128 --batch-size 64)
+    ROWS=(resnet18-lr0.01 resnet18-adam --subset 128 --test-subset 128 --batch-size 64)
 else
     DEVICE=cuda DATA=${GPU_CHECK_DATA:-.gpu/cifar10-jpeg.tar.gz} BUDGET=480
     BENCH=(--batches 20 --windows 5)
     BASE=()
-    QUICK=(--all)
+    ROWS=(--all)
     if [ ! -f "$DATA" ]; then
         echo "gpu_check: stand-in $DATA not found; copy ../shared/data/cifar10-jpeg.tar.gz" \
              "there or set GPU_CHECK_DATA" >&2
@@ -46,29 +48,35 @@ echo "== CUDA path: parameter counts, bf16 vs float32, checkpoint and resume"
 [ "${PIPESTATUS[0]}" = 0 ] || failed=1
 cp "$WORK/cuda_path.json" "$OUT/" 2>/dev/null
 
-echo "== bench"
-study bench resnet18-lr0.01 --device "$DEVICE" --json "${BENCH[@]}" > "$OUT/bench.json" \
-    2> "$OUT/bench.log" || { failed=1; tail -3 "$OUT/bench.log"; rm -f "$OUT/bench.json"; }
-cat "$OUT/bench.json" 2>/dev/null
+for mode in eager graphs; do
+    echo "== bench ($mode)"
+    flag=$([ $mode = graphs ] && echo --cuda-graphs || echo --no-cuda-graphs)
+    study bench resnet18-lr0.01 --device "$DEVICE" --json "${BENCH[@]}" $flag \
+        > "$OUT/bench-$mode.json" 2> "$OUT/bench-$mode.log" \
+        || { failed=1; tail -3 "$OUT/bench-$mode.log"; rm -f "$OUT/bench-$mode.json"; }
+    cat "$OUT/bench-$mode.json" 2>/dev/null
+done
 
-echo "== base model, 25-epoch recipe, on $DATA"
+echo "== base model, 25-epoch recipe, --cuda-graphs, on $DATA"
 study train resnet18-lr0.01 --data "$DATA" --device "$DEVICE" --out "$WORK/base" --quiet \
-    "${BASE[@]}" 2>&1 | tee "$OUT/base.log"
+    --cuda-graphs "${BASE[@]}" 2>&1 | tee "$OUT/base.log"
 [ "${PIPESTATUS[0]}" = 0 ] || failed=1
 cp "$WORK/base/summary.json" "$OUT/base-summary.json" 2>/dev/null
 cp "$WORK/base/metrics.csv" "$OUT/base-metrics.csv" 2>/dev/null
 
 left=$((BUDGET - SECONDS))
 if [ "$left" -gt 60 ]; then
-    echo "== quick study (${left} s left of the ${BUDGET} s budget)"
-    timeout "$left" "$PYTHON" -m resnet_study study "${QUICK[@]}" --quick --data "$DATA" \
-        --out "$WORK/study" --device "$DEVICE" > "$OUT/study.log" 2>&1
+    echo "== one full-data epoch of every row, --cuda-graphs (${left} s left of ${BUDGET} s)"
+    timeout "$left" "$PYTHON" -m resnet_study study "${ROWS[@]}" --seeds 1 --epochs 1 \
+        --data "$DATA" --out "$WORK/study" --device "$DEVICE" --cuda-graphs \
+        > "$OUT/study.log" 2>&1
     rc=$?
     # A run that fails offline (ImageNet weights) or the budget running out is reported, not fatal.
     [ "$rc" = 124 ] && echo "study: stopped at the time budget" >> "$OUT/study.log"
     grep '^study:' "$OUT/study.log" | tail -3
+    "$PYTHON" benchmarks/gpu_check.py projection "$WORK/study" "$OUT"
 else
-    echo "== quick study skipped: ${left} s left of the ${BUDGET} s budget"
+    echo "== study epochs skipped: ${left} s left of the ${BUDGET} s budget"
 fi
 
 "$PYTHON" benchmarks/gpu_check.py table "$OUT" | tee "$OUT/summary.txt"

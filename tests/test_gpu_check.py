@@ -16,10 +16,16 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume"):
+    for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume", "CUDA graph step"):
         assert f"{check}" in summary and "FAILED" not in summary
-    assert "project/reference" in summary and "bench (model TFLOP/s)" in summary
+    assert "12 steps uncaptured vs eager" in summary
+    for mode in ("eager", "graphs"):
+        assert f"bench {mode} (img/s)" in summary and f"bench {mode} (model TFLOP/s)" in summary
+    assert "graphs / eager" in summary
     assert any(line.split()[:5] == ["base", "run,", "1", "epochs", "completed,"]
                for line in summary.splitlines())
-    assert "1/1 done" in summary
+    assert "(graph not captured)" in summary  # no CUDA here
+    assert "2/2 done" in summary  # one epoch of each of the two rows
+    projected = next(line for line in summary.splitlines() if "PROJECTED 12 x 3 study" in line)
+    assert "1 runs at once, from 2 measured rows" in projected
     assert "gpu_check:" in result.stdout and "passed" in result.stdout.splitlines()[-1]
