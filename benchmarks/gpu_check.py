@@ -16,22 +16,22 @@ from pathlib import Path
 
 import torch
 
-from resnet_study import EXPERIMENTS
 from resnet_study import step as steplib
 from resnet_study import train as trainlib
+from resnet_study.config import EXPERIMENTS, GROUPS
 from resnet_study.models import ResNet18, count_params
 from resnet_study.report import PAPER
 
 
 def check_param_counts() -> str:
     wrong = []
-    for name, exp in EXPERIMENTS.items():
+    for name in GROUPS["paper"]:
         with torch.device("meta"):
-            n = count_params(ResNet18(exp.model, num_classes=100))
+            n = count_params(ResNet18(EXPERIMENTS[name].model, num_classes=100))
         if n != PAPER["experiments"][name]["params"]:
             wrong.append(f"{name} {n:,}")
     assert not wrong, f"parameter counts differ from the paper: {wrong}"
-    return f"{len(EXPERIMENTS)} experiments equal the paper"
+    return f"{len(GROUPS['paper'])} experiments equal the paper"
 
 
 def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
@@ -170,13 +170,13 @@ def projection(study: Path, out: Path, epochs: int = 25, seeds: int = 3) -> None
         print("projection: no row finished an epoch")
         return
     mean = sum(measured.values()) / len(measured)
-    rows = {name: measured.get(name, mean) for name in EXPERIMENTS}
+    rows = {name: measured.get(name, mean) for name in GROUPS["paper"]}
     total = sum(rows.values()) * epochs * seeds / at_once
-    result = {"epoch_seconds": measured, "estimated_rows": sorted(set(EXPERIMENTS) - set(measured)),
+    result = {"epoch_seconds": measured, "estimated_rows": sorted(set(rows) - set(measured)),
               "runs_at_once": at_once, "epochs": epochs, "seeds": seeds,
               "projected_seconds": total}
     (out / "projection.json").write_text(json.dumps(result, indent=1))
-    print(f"projection: {len(EXPERIMENTS)} x {seeds} runs x {epochs} epochs, {at_once} at once: "
+    print(f"projection: {len(rows)} x {seeds} runs x {epochs} epochs, {at_once} at once: "
           f"{total / 60:.1f} min ({len(measured)} rows measured)")
 
 
@@ -220,7 +220,7 @@ def table(out: Path) -> None:
     path = out / "projection.json"
     if path.exists():
         p = json.loads(path.read_text())
-        rows.append((f"PROJECTED {len(EXPERIMENTS)} x {p['seeds']} study",
+        rows.append((f"PROJECTED {len(GROUPS['paper'])} x {p['seeds']} study",
                      f"{p['projected_seconds'] / 60:.1f} min at {p['epochs']} epochs, "
                      f"{p['runs_at_once']} runs at once, from {len(p['epoch_seconds'])} measured "
                      f"rows' first epoch (a projection, not a measurement)"))

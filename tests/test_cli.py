@@ -6,7 +6,7 @@ import pytest
 
 from resnet_study.cli import main
 
-from .test_models import PAPER_PARAMS
+from .test_models import LITERATURE_PARAMS, PAPER_PARAMS
 
 
 def run_cli(*args, cwd=None):
@@ -17,7 +17,14 @@ def run_cli(*args, cwd=None):
 def test_experiments_json_lists_every_row_with_paper_counts(capsys):
     assert main(["experiments", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"]: r["params"] for r in rows} == PAPER_PARAMS
+    assert {r["name"]: r["params"] for r in rows if r["group"] == "paper"} == PAPER_PARAMS
+    literature = {r["name"]: r for r in rows if r["group"] == "literature"}
+    assert {name: r["params"] for name, r in literature.items()} == {
+        name: LITERATURE_PARAMS[name.removesuffix("-paper-recipe")][0] for name in literature}
+    assert literature["wrn-16-8"]["model"] == "WRN-16-8"
+    assert literature["wrn-16-8"]["schedule"] == "x0.2 at 60,120,160"
+    assert literature["resnet-110"]["schedule"] == "x0.1 at 82,123, 0.1x for 400 steps"
+    assert literature["resnet-110-paper-recipe"]["schedule"] == "one-cycle"
 
 
 def test_experiments_table_is_readable(capsys):
@@ -36,6 +43,13 @@ def test_experiments_table_is_readable(capsys):
     (["train", "resnet18-lr0.01", "--data", "synthetic", "--batch-size", "99999"],
      "larger than"),
     (["train", "resnet18-lr0.01", "--device", "cuda:3"], "CUDA is not available"),
+    (["train", "resnet18-lr0.01", "--milestones", "60,x"],
+     "invalid comma-separated int list value: '60,x'"),
+    (["train", "resnet18-lr0.01", "--milestones", "60"], "milestones and warmup_steps belong to "
+     "schedule = multistep"),
+    (["train", "resnet18-lr0.01", "--schedule", "multistep", "--milestones", "2,1"],
+     "milestones must be increasing epochs >= 1, not [2, 1]"),
+    (["study", "--group", "nosuch"], "invalid choice: 'nosuch' (choose from 'literature'"),
     (["evaluate", "/no/such/run"], "not a run directory"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message, tmp_path):

@@ -8,7 +8,14 @@ import torchvision
 from torch import nn
 
 from resnet_study import EXPERIMENTS, ModelConfig, UsageError, build_model, count_params
-from resnet_study.models import Conv2d, ResNet18, imagenet_weights_path
+from resnet_study.config import GROUPS
+from resnet_study.models import (
+    Conv2d,
+    ResNet18,
+    ZeroPadShortcut,
+    imagenet_weights_path,
+    network,
+)
 
 # Table 1 of the paper, 100 classes.
 PAPER_PARAMS = {
@@ -27,8 +34,99 @@ PAPER_PARAMS = {
 }
 
 
+# The literature rows, counted from the architectures as published (conv weights without
+# bias, BN scale and shift, fc with bias): 100 classes, and 10 classes as their papers report.
+LITERATURE_PARAMS = {
+    "wrn-16-8": (11_007_540, 10_961_370),  # Zagoruyko & Komodakis: 11.0M
+    "resnet-110": (1_733_812, 1_727_962),  # He et al.: 1.7M
+}
+
+
 def test_every_paper_row_is_an_experiment():
-    assert set(EXPERIMENTS) == set(PAPER_PARAMS)
+    assert GROUPS["paper"] == list(PAPER_PARAMS)
+    assert GROUPS["literature"] == ["wrn-16-8", "wrn-16-8-paper-recipe", "resnet-110",
+                                    "resnet-110-paper-recipe"]
+
+
+@pytest.mark.parametrize("name", GROUPS["literature"])
+def test_literature_parameter_counts(name):
+    hundred, ten = LITERATURE_PARAMS[name.removesuffix("-paper-recipe")]
+    for classes, expected in ((100, hundred), (10, ten)):
+        with torch.device("meta"):
+            assert count_params(network(EXPERIMENTS[name].model, classes)) == expected
+
+
+def _convs(model):
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_wrn_16_8_layout():
+    model = network(EXPERIMENTS["wrn-16-8"].model)
+    widths = {}
+    for i in (1, 2, 3):
+        layer = getattr(model, f"layer{i}")
+        layer.register_forward_hook(lambda m, inp, out, i=i: widths.update({i: out.shape[1:]}))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert widths == {1: (128, 32, 32), 2: (256, 16, 16), 3: (512, 8, 8)}
+    assert len(model.layer1) == len(model.layer2) == len(model.layer3) == 2
+    assert len(_convs(model)) == 16  # depth 16: stem, 12 block convs, three 1x1 projections
+    for layer in (model.layer1, model.layer2, model.layer3):  # 1x1 projection, BN-ReLU shared
+        assert isinstance(layer[0].downsample, nn.Conv2d)
+        assert layer[0].downsample.kernel_size == (1, 1) and layer[1].downsample is None
+    assert isinstance(model.final_bn, nn.BatchNorm2d) and model.conv1.out_channels == 16
+
+
+def test_wrn_projection_reads_the_pre_activation():
+    """Zagoruyko & Komodakis's code: the 1x1 shortcut sees BN-ReLU of the block input."""
+    model = network(EXPERIMENTS["wrn-16-8"].model).eval()
+    block = model.layer2[0]
+    seen = {}
+    block.downsample.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    x = torch.randn(2, 128, 32, 32)
+    block(x)
+    assert torch.equal(seen["x"], torch.relu(block.bn1(x)))
+
+
+def test_wrn_dropout_sits_between_the_two_convs():
+    cfg = EXPERIMENTS["wrn-16-8"].replace(block_dropout=0.3).model
+    block = network(cfg).layer1[1]
+    assert isinstance(block.dropout, nn.Dropout) and block.dropout.p == 0.3
+    assert EXPERIMENTS["wrn-16-8"].model.block_dropout == 0  # off in the official recipe
+
+
+def test_resnet_110_layout_and_option_a_shortcut():
+    model = network(EXPERIMENTS["resnet-110"].model)
+    assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3)] == [18, 18, 18]
+    assert len(_convs(model)) + 1 == 110  # 6n + 2 weighted layers: convs and fc
+    assert [getattr(model, f"layer{i}")[-1].conv2.out_channels for i in (1, 2, 3)] == [16, 32, 64]
+    shortcut = model.layer2[0].downsample
+    assert isinstance(shortcut, ZeroPadShortcut) and not list(shortcut.parameters())
+    x = torch.randn(2, 16, 32, 32)
+    y = shortcut(x)
+    assert y.shape == (2, 32, 16, 16)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2]) and not y[:, 16:].any()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_resnet_110_with_projection_shortcuts_is_option_b():
+    cfg = EXPERIMENTS["resnet-110"].replace(shortcut="projection").model
+    with torch.device("meta"):
+        model = network(cfg)
+    assert isinstance(model.layer2[0].downsample[0], nn.Conv2d)
+    assert count_params(model) == 1_733_812 + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(blocks=3), "a resnet18 has 2 blocks per stage"),
+    (dict(shortcut="zero-pad"), "a resnet18 has 2 blocks per stage and projection shortcuts"),
+    (dict(family="cifar-resnet"), "family cifar-resnet has the 3x3 stem only"),
+    (dict(family="cifar-resnet", stem="cifar", pretrained="imagenet"),
+     "pretrained weights exist only for the base architecture"),
+    (dict(family="cifar-resnet", stem="cifar", blocks=0), "blocks must be a whole number >= 1"),
+])
+def test_impossible_architectures_are_refused(settings, message):
+    with pytest.raises(UsageError, match=message):
+        ModelConfig(**settings)
 
 
 @pytest.mark.parametrize("name", PAPER_PARAMS)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
 from resnet_study.cli import main
 from resnet_study.figures import curves_figure
@@ -141,6 +142,41 @@ def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
                  "figure5.png"):
         assert (study / "report" / name).read_bytes() == (
             studies[False] / "report" / name).read_bytes()
+
+
+def test_literature_rows_are_filled_by_their_runs(studies, tmp_path):
+    """Runs of literature experiments fill their Table 1 rows beside the paper's number, named
+    by recipe, and get their figures; the runs here are the base model's files relabelled (the
+    report reads only files; the networks themselves are tested in test_models)."""
+    study = tmp_path / "study"
+    shutil.copytree(studies[False] / "resnet18-lr0.01", study / "resnet18-lr0.01")
+    for name in ("wrn-16-8", "resnet-110-paper-recipe"):
+        for seed in (0, 1):
+            run = study / name / f"seed-{seed}"
+            shutil.copytree(studies[False] / "resnet18-lr0.01" / f"seed-{seed}", run)
+            data = json.loads((run / "config.json").read_text())["data"]["data"]
+            preset = PRESETS[name].replace(data=data, seed=seed)  # still the preset's protocol
+            (run / "config.json").write_text(json.dumps(preset.to_dict()))
+    report(study)
+    table = read_csv(study / "report" / "table1.csv")
+    rows = {r["row"]: r for r in table}
+    wrn = rows["Wide Residual Network-16 (k = 8) [18]"]
+    assert wrn["experiment"] == "wrn-16-8" and wrn["n"] == "2" and wrn["profile"] == "paper"
+    assert float(wrn["paper_top1"]) == 0.7957
+    assert float(wrn["difference"]) == pytest.approx(float(wrn["top1_mean"]) - 0.7957)
+    resnet110 = rows["ResNet-110 [6], paper's recipe"]
+    assert resnet110["experiment"] == "resnet-110-paper-recipe"
+    assert float(resnet110["paper_top1"]) == 0.7458
+    assert not [r for r in table if r["profile"] == "literature"]  # both rows re-measured
+    md = (study / "report" / "table1.md").read_text()
+    assert "| published recipe |" in md and "| paper's protocol |" in md
+    page = html.unescape((study / "report" / "index.html").read_text())
+    for figure in ("literature", "literature-published"):
+        assert (study / "report" / f"{figure}.png").exists()
+    assert "Literature rows, paper's protocol: WRN-16-8 and ResNet-110 under the paper's " \
+           "recipe, against the base model and the New Wide ResNet-18" in page
+    assert "Literature rows, published recipes: " in page and "Not drawn, no completed run: " \
+           "new-wide-resnet18, resnet-110." in page
 
 
 def test_report_of_nothing_is_a_usage_error(tmp_path):

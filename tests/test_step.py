@@ -3,11 +3,15 @@
 import pytest
 import torch
 
+from resnet_study import EXPERIMENTS
 from resnet_study import step as steplib
 from resnet_study.config import ModelConfig, TrainConfig
 from resnet_study.models import ResNet18
 
 STEPS_PER_EPOCH = 3
+# The literature's kind of schedule in small: 2 warm-up steps, then the LR x0.2 after epoch 1.
+MULTISTEP = TrainConfig(epochs=2, lr=0.01, nesterov=True, weight_decay=5e-4,
+                        schedule="multistep", milestones=(1,), gamma=0.2, warmup_steps=2)
 
 
 def setup(cfg: TrainConfig, state: dict | None = None):
@@ -67,7 +71,8 @@ def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
     TrainConfig(epochs=2, lr=0.01, nesterov=True, grad_clip=0.5, clip_mode="norm",
                 label_smoothing=0.1),
     TrainConfig(epochs=2, lr=0.01, weight_decay=0.0, grad_clip=0.01, clip_mode="value"),
-], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay"])
+    MULTISTEP,
+], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay", "multistep-warmup"])
 def test_graph_ready_step_trains_like_the_eager_step(cfg):
     data = batches(2 * STEPS_PER_EPOCH)
     assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
@@ -97,10 +102,11 @@ def test_schedule_table_is_onecycle_step_by_step():
     assert seen[0][1] > seen[2][1] < seen[-1][1]  # momentum the other way
 
 
-def test_graph_ready_step_resumes_from_saved_state():
+@pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, lr=0.01), MULTISTEP],
+                         ids=["onecycle", "multistep-warmup"])
+def test_graph_ready_step_resumes_from_saved_state(cfg):
     """A run stopped after 3 steps and rebuilt from its state dicts, as a checkpoint resumes
     it, continues exactly as the run that never stopped."""
-    cfg = TrainConfig(epochs=2, lr=0.01)
     data = batches(2 * STEPS_PER_EPOCH)
     straight = graph_ready_run(cfg, data)
     first = graph_ready_run(cfg, data[:STEPS_PER_EPOCH])
@@ -151,3 +157,32 @@ def test_runs_that_cannot_use_graphs_are_named(change, obstacle):
             "world": 1, **change}
     reason = steplib.graph_obstacle(**args)
     assert reason == obstacle if obstacle is None else reason.startswith(obstacle)
+
+
+def lr_trace(name: str, steps_per_epoch: int) -> torch.Tensor:
+    """The LR of every step of an experiment's run, as its training loop steps the scheduler."""
+    cfg = EXPERIMENTS[name].train
+    table = steplib.schedule_table(cfg, steps_per_epoch, torch.device("cpu"), torch.float64)
+    assert (table[:, 1] == cfg.momentum).all()  # step schedules leave the momentum alone
+    return table[:, 0]
+
+
+def test_wrn_16_8_published_schedule():
+    """LR 0.1, x0.2 at epochs 60, 120 and 160, for 200 epochs (Zagoruyko & Komodakis)."""
+    lr = lr_trace("wrn-16-8", steps_per_epoch=3)
+    epoch = torch.arange(200 * 3) // 3
+    drops = (epoch >= 60).double() + (epoch >= 120).double() + (epoch >= 160).double()
+    torch.testing.assert_close(lr, 0.1 * 0.2**drops, rtol=1e-12, atol=0)
+
+
+def test_resnet_110_published_schedule():
+    """0.01 for 400 iterations, then 0.1, /10 at about 32k and 48k, stop at about 64k (He et
+    al.), at batch 128 on 50,000 images: 391 iterations per epoch."""
+    lr = lr_trace("resnet-110", steps_per_epoch=391)
+    assert 64_000 <= len(lr) < 64_000 + 391
+    step = torch.arange(len(lr))
+    expected = 0.1 * 0.1 ** ((step >= 82 * 391).double() + (step >= 123 * 391).double())
+    expected[:400] = 0.01
+    torch.testing.assert_close(lr, expected, rtol=1e-12, atol=0)
+    drops = [int(i) + 1 for i in torch.nonzero(lr[1:] < lr[:-1] * 0.5)]
+    assert [abs(d - k) < 391 for d, k in zip(drops, (32_000, 48_000), strict=True)] == [True] * 2

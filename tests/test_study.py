@@ -6,7 +6,7 @@ import torch
 from resnet_study import Experiment, UsageError
 from resnet_study import train as trainlib
 from resnet_study.cli import main
-from resnet_study.config import get_experiment
+from resnet_study.config import GROUPS, get_experiment
 from resnet_study.data import load_images
 from resnet_study.models import training_flops
 from resnet_study.study import (
@@ -198,8 +198,24 @@ def test_a_fault_every_run_would_hit_stops_the_study_before_any_run(args, env, m
     assert not list(tmp_path.rglob("seed-*"))
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--all"], GROUPS["paper"]),
+    (["--group", "literature"], GROUPS["literature"]),
+    (["--all", "--group", "literature"], GROUPS["paper"] + GROUPS["literature"]),
+    (["resnet18-lr0.01", "--group", "literature", "--group", "literature"],
+     ["resnet18-lr0.01"] + GROUPS["literature"]),
+])
+def test_all_means_the_papers_twelve_and_groups_add_to_it(args, expected, monkeypatch, capsys):
+    planned = []
+    monkeypatch.setattr("resnet_study.study.run_study", lambda runs, *rest: planned.extend(runs)
+                        or {"completed": [], "diverged": [], "failed": [], "skipped": []})
+    assert main(["study", "--seeds", "1", *args]) == 0
+    assert [run.experiment.name for run in planned] == expected
+    assert len(GROUPS["paper"]) == 12 and len(GROUPS["literature"]) == 4
+
+
 @pytest.mark.parametrize("args, message", [
-    (["study"], "--all"),
+    (["study"], "--all or --group"),
     (["study", "--all", "resnet18-adam"], "not both"),
     (["study", "--all", "--seed", "3"], "--seeds"),
     (["study", "--all", "--seeds", "0"], "--seeds must be"),

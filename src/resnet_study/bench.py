@@ -115,7 +115,7 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     model = build_model(exp.model, num_classes)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last
                      else torch.contiguous_format)
-    # One one-cycle schedule over exactly the steps the benchmark takes (compute and project).
+    # The run's schedule as one epoch of exactly the steps the benchmark takes.
     steps = windows * 2 * (warmup + batches)
     cfg = dataclasses.replace(cfg, epochs=1)
     optimizer = make_optimizer(model, cfg)

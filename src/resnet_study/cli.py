@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import (
     EXPERIMENTS,
+    GROUPS,
     SECTIONS,
     Experiment,
     Interrupted,
@@ -35,6 +36,13 @@ def _parse_optional(kind: type):
     return parse
 
 
+def _parse_sequence(kind: type):
+    def parse(text: str):
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    parse.__name__ = f"comma-separated {kind.__name__} list"
+    return parse
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per config field; only flags given on the command line reach the run."""
     for section, cls in SECTIONS.items():
@@ -48,9 +56,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if spec.kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
-                group.add_argument(flag, choices=spec.choices or None,
-                                   type=_parse_optional(spec.kind) if spec.optional else spec.kind,
-                                   **kw)
+                parse = (_parse_optional(spec.kind) if spec.optional else
+                         _parse_sequence(spec.kind) if spec.sequence else spec.kind)
+                group.add_argument(flag, choices=spec.choices or None, type=parse, **kw)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -90,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiments", nargs="*", help="experiment names (or --all)")
     p.add_argument("--all", action="store_true", help="the paper's twelve experiments")
+    p.add_argument("--group", action="append", default=[], choices=sorted(GROUPS),
+                   help="add a group of experiments (literature: WRN-16-8 and ResNet-110, "
+                        "each with its published recipe and with the paper's)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per experiment")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
     p.add_argument("--quick", action="store_true",
@@ -127,21 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_experiments(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import ResNet18, count_params
+    from .models import count_params, network
 
     rows = []
     for name, exp in EXPERIMENTS.items():
         with torch.device("meta"):  # count parameters without allocating 50M floats
-            params = count_params(ResNet18(exp.model, num_classes=100))
+            params = count_params(network(exp.model, num_classes=100))
         t = exp.train
-        rows.append({"name": name, "row": exp.row, "params": params,
+        rows.append({"name": name, "group": exp.group, "row": exp.row, "params": params,
                      "model": _describe_model(exp), "optimizer": t.optimizer, "lr": t.lr,
+                     "schedule": _describe_schedule(t),
                      "grad_clip": f"{t.grad_clip} ({t.clip_mode})" if t.grad_clip else "none",
                      "epochs": t.epochs, "batch_size": t.batch_size, "notes": exp.notes})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "model", "params", "optimizer", "lr", "grad_clip", "epochs"]
+    cols = ["name", "model", "params", "optimizer", "lr", "schedule", "grad_clip", "epochs"]
     table = [[f"{r[c]:,}" if c == "params" else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     for line in [cols, ["-" * w for w in widths], *table]:
@@ -150,16 +162,29 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_schedule(t) -> str:
+    if t.schedule == "onecycle":
+        return "one-cycle"
+    text = f"x{t.gamma:g} at {','.join(map(str, t.milestones))}" if t.milestones else "constant"
+    warmup = f", {t.warmup_factor:g}x for {t.warmup_steps} steps" if t.warmup_steps else ""
+    return text + warmup
+
+
 def _describe_model(exp: Experiment) -> str:
     m = exp.model
-    parts = ["ResNet-18"]
-    parts += [f"k={m.width}"] if m.width != 1 else []
+    if m.family == "cifar-resnet" and m.block == "pre":
+        parts = [f"WRN-{6 * m.blocks + 4}-{m.width}"]
+    elif m.family == "cifar-resnet":
+        parts = [f"ResNet-{6 * m.blocks + 2}"] + ([f"k={m.width}"] if m.width != 1 else [])
+    else:
+        parts = ["ResNet-18"] + ([f"k={m.width}"] if m.width != 1 else [])
+    parts += [f"{m.shortcut}-shortcut"] if m.shortcut != "projection" else []
     parts += ["3x3-shortcut"] if m.shortcut_kernel == 3 else []
-    parts += ["pre-act"] if m.block == "pre" else []
+    parts += ["pre-act"] if m.block == "pre" and m.family == "resnet18" else []
     parts += ["no-BN"] if not m.batch_norm else []
     if m.block_dropout or m.fc_dropout:
         parts.append(f"dropout {m.block_dropout}/{m.fc_dropout}")
-    parts += [f"{m.stem}-stem"] if m.stem != "imagenet" else []
+    parts += [f"{m.stem}-stem"] if m.stem != "imagenet" and m.family == "resnet18" else []
     parts += [f"pretrained:{m.pretrained}"] if m.pretrained else []
     return " ".join(parts)
 
@@ -189,12 +214,16 @@ def _positive(text: str) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import parse_shard, plan, run_study
 
-    if args.all == bool(args.experiments):
+    if args.all and args.experiments:
         raise UsageError("name experiments or pass --all (not both)")
+    if not (args.all or args.experiments or args.group):
+        raise UsageError("name experiments, or pass --all or --group NAME")
     overrides = config_overrides(args)
     if "seed" in overrides:
         raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
-    names = list(EXPERIMENTS) if args.all else args.experiments
+    names = [*(GROUPS["paper"] if args.all else args.experiments),
+             *(name for group in args.group for name in GROUPS[group])]
+    names = list(dict.fromkeys(names))
     runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
     per_device = None if args.runs_per_device == "auto" else _positive(args.runs_per_device)
     devices = None

@@ -42,11 +42,16 @@ def _check_choice(obj: Any) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One ResNet-18 whose options span every architecture of the paper's Table 1."""
+    """A ResNet-18 whose options span every architecture of the paper's Table 1, or a CIFAR
+    ResNet (He et al.'s 6n+2-layer ResNets, Zagoruyko & Komodakis's wide ResNets) for the two
+    literature rows."""
 
+    family: Literal["resnet18", "cifar-resnet"] = "resnet18"
     stem: Literal["imagenet", "cifar"] = "imagenet"  # 7x7/2 conv + max-pool, or 3x3/1 conv
     block: Literal["post", "pre"] = "post"  # conv-BN-ReLU (original) or BN-ReLU-conv
-    width: int = 1  # k: stage widths 64k, 128k, 256k, 512k
+    width: int = 1  # k: stage widths 64k..512k (resnet18) or 16k, 32k, 64k (cifar-resnet)
+    blocks: int = 2  # residual blocks per stage: 2 in ResNet-18, n in a 6n+2-layer CIFAR ResNet
+    shortcut: Literal["projection", "zero-pad"] = "projection"  # He et al.'s option B or A
     shortcut_kernel: Literal[1, 3] = 1  # kernel of the projection shortcut conv
     batch_norm: bool = True
     block_dropout: float = 0.0  # inside each residual block, between its two convs
@@ -56,10 +61,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice(self)
         _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
+        _require(self.blocks >= 1, f"blocks must be a whole number >= 1, not {self.blocks}")
+        _require(self.family == "cifar-resnet" or (self.blocks == 2
+                                                  and self.shortcut == "projection"),
+                 "a resnet18 has 2 blocks per stage and projection shortcuts; other depths and "
+                 "zero-padded shortcuts belong to family cifar-resnet")
+        _require(self.family == "resnet18" or self.stem == "cifar",
+                 "family cifar-resnet has the 3x3 stem only: set stem = cifar")
         for name in ("block_dropout", "fc_dropout"):
             p = getattr(self, name)
             _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), not {p}")
-        _require(self.pretrained is None or (self.width == 1 and self.shortcut_kernel == 1
+        _require(self.pretrained is None or (self.family == "resnet18" and self.width == 1
+                                              and self.shortcut_kernel == 1
                                               and self.block == "post" and self.batch_norm
                                               and self.stem == "imagenet"),
                  "pretrained weights exist only for the base architecture "
@@ -88,7 +101,14 @@ class TrainConfig:
     epochs: int = 25
     batch_size: int = 256
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.01  # the paper's "initial LR": OneCycleLR's max_lr
+    lr: float = 0.01  # the paper's "initial LR": OneCycleLR's max_lr; multistep's starting LR
+    # onecycle: the paper's policy (OneCycleLR). multistep: the LR times `gamma` after each epoch
+    # in `milestones` (MultiStepLR), after `warmup_steps` batches at `warmup_factor` x LR.
+    schedule: Literal["onecycle", "multistep"] = "onecycle"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    warmup_factor: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -116,6 +136,16 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1,
                  f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         _require(not (self.nesterov and self.optimizer != "sgd"), "nesterov applies to sgd only")
+        object.__setattr__(self, "milestones", tuple(self.milestones))  # TOML and JSON give lists
+        _require(list(self.milestones) == sorted(set(self.milestones))
+                 and all(m > 0 for m in self.milestones),  # one past `epochs` is never reached
+                 f"milestones must be increasing epochs >= 1, not {list(self.milestones)}")
+        _require(self.schedule == "multistep" or not (self.milestones or self.warmup_steps),
+                 "milestones and warmup_steps belong to schedule = multistep")
+        _require(0 < self.gamma <= 1, f"gamma must be in (0, 1], not {self.gamma}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, not {self.warmup_steps}")
+        _require(0 < self.warmup_factor <= 1,
+                 f"warmup_factor must be in (0, 1], not {self.warmup_factor}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +155,7 @@ class Experiment:
     name: str
     row: str  # the paper's label for this row of Table 1
     notes: str = ""
+    group: str = "paper"  # paper: the paper's twelve (`study --all`); or, e.g., literature
     quick: bool = False  # `study --quick`: a short try of the pipeline, not the paper's protocol
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,6 +204,7 @@ class Experiment:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
         return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
+                   group=d.get("group", "paper"),
                    quick=bool(d.get("quick", d.get("profile") == "quick")),
                    model=_build(ModelConfig, d.get("model", {})),
                    data=_build(DataConfig, d.get("data", {})),
@@ -194,6 +226,7 @@ class FieldSpec:
     kind: type
     choices: tuple = ()
     optional: bool = False
+    sequence: bool = False  # a tuple of `kind`, written 60,120,160 on a command line
 
 
 def field_specs(cls: type) -> dict[str, FieldSpec]:
@@ -204,6 +237,8 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
             out[name] = FieldSpec(type(args[0]), args)
         elif origin in (typing.Union, types.UnionType):
             out[name] = FieldSpec(next(a for a in args if a is not type(None)), optional=True)
+        elif origin is tuple:
+            out[name] = FieldSpec(args[0], sequence=True)
         else:
             out[name] = FieldSpec(hint)
     return out
@@ -224,6 +259,11 @@ def _load_experiments() -> dict[str, Experiment]:
 
 EXPERIMENTS: dict[str, Experiment] = _load_experiments()
 BASE_EXPERIMENT = "resnet18-lr0.01"
+
+
+GROUPS: dict[str, list[str]] = {}  # experiment names by group, in experiments.toml's order
+for _name, _exp in EXPERIMENTS.items():
+    GROUPS.setdefault(_exp.group, []).append(_name)
 
 
 def get_experiment(name: str) -> Experiment:

@@ -19,18 +19,27 @@ import torch  # noqa: E402
 from .data import PAD, DeviceLoader, ImageSet, normalization  # noqa: E402
 from .results import Run, combined_profile  # noqa: E402
 
-FIGURES = {  # the paper's own groupings of loss curves
-    "figure5": ("Initial learning rate", ["resnet18-lr0.1", "resnet18-lr0.01",
-                                          "resnet18-lr0.001"]),
-    "figure6": ("SGD, Adam and Adam + gradient clipping", ["resnet18-lr0.01", "resnet18-adam",
-                                                           "resnet18-adam-clip"]),
-    "figure7": ("Without batch norm, with dropout", ["resnet18-lr0.01", "resnet18-no-bn",
-                                                     "resnet18-dropout"]),
-    "figure8": ("Wide blocks, 3x3 shortcuts, pre-activation",
+FIGURES = {  # the paper's own groupings of loss curves, then the literature rows'
+    "figure5": ("Figure 5", "Initial learning rate",
+                ["resnet18-lr0.1", "resnet18-lr0.01", "resnet18-lr0.001"]),
+    "figure6": ("Figure 6", "SGD, Adam and Adam + gradient clipping",
+                ["resnet18-lr0.01", "resnet18-adam", "resnet18-adam-clip"]),
+    "figure7": ("Figure 7", "Without batch norm, with dropout",
+                ["resnet18-lr0.01", "resnet18-no-bn", "resnet18-dropout"]),
+    "figure8": ("Figure 8", "Wide blocks, 3x3 shortcuts, pre-activation",
                 ["resnet18-lr0.01", "resnet18-wide", "resnet18-3x3-shortcut",
                  "resnet18-preact"]),
-    "figure9": ("New Wide ResNet-18, pre-trained and base",
+    "figure9": ("Figure 9", "New Wide ResNet-18, pre-trained and base",
                 ["new-wide-resnet18", "resnet18-pretrained", "resnet18-lr0.01"]),
+    "literature": ("Literature rows, paper's protocol", "WRN-16-8 and ResNet-110 under the "
+                   "paper's recipe, against the base model and the New Wide ResNet-18",
+                   ["resnet18-lr0.01", "new-wide-resnet18", "wrn-16-8-paper-recipe",
+                    "resnet-110-paper-recipe"]),
+    "literature-published": ("Literature rows, published recipes", "WRN-16-8 and ResNet-110 "
+                             "with their published recipes, against the base model and the "
+                             "New Wide ResNet-18",
+                             ["resnet18-lr0.01", "new-wide-resnet18", "wrn-16-8",
+                              "resnet-110"]),
 }
 
 

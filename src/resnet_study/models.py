@@ -1,8 +1,12 @@
-"""One configurable ResNet-18 covering every architecture in the paper's Table 1.
+"""The networks of the paper's Table 1, each a configuration of two families.
 
-Layer names follow torchvision's `resnet18` (`conv1`, `bn1`, `layer1..4`, `downsample`, `fc`)
-so that the base configuration loads torchvision's ImageNet weights unchanged and users can
-move state dicts between the two.
+- `ResNet18`: one configurable ResNet-18 covering all twelve of the paper's rows. Layer names
+  follow torchvision's `resnet18` (`conv1`, `bn1`, `layer1..4`, `downsample`, `fc`), so that
+  the base configuration loads torchvision's ImageNet weights unchanged and users can move
+  state dicts between the two.
+- `CifarResNet`: the CIFAR ResNets of the two literature rows, He et al.'s 6n+2-layer ResNets
+  (ResNet-110: n = 18) and Zagoruyko & Komodakis's wide ResNets (WRN-16-8), with the same
+  block classes and layer names (`layer1..3`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import functools
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, UsageError, get_experiment
@@ -19,8 +24,8 @@ from .files import load_tensors
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
 # does not pull in torchvision.
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-STAGE_WIDTHS = (64, 128, 256, 512)
-BLOCKS_PER_STAGE = 2  # ResNet-18
+STAGE_WIDTHS = (64, 128, 256, 512)  # ResNet-18, times its width k
+CIFAR_STAGE_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR ResNets, times a wide ResNet's k
 
 
 def _norm(channels: int, enabled: bool) -> nn.Module:
@@ -84,6 +89,19 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
     return Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s option A: the identity, subsampled by the stride, with zeros for the new
+    channels; it has no parameters."""
+
+    def __init__(self, extra_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels, self.stride = extra_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
 class BasicBlock(nn.Module):
     """Post-activation block (conv-BN-ReLU), as in He et al. 2016 and torchvision."""
 
@@ -96,7 +114,9 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = _norm(planes, cfg.batch_norm)
         self.downsample = None
-        if stride != 1 or inplanes != planes:
+        if (stride != 1 or inplanes != planes) and cfg.shortcut == "zero-pad":
+            self.downsample = ZeroPadShortcut(planes - inplanes, stride)
+        elif stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(
                 _conv(inplanes, planes, cfg.shortcut_kernel, stride), _norm(planes, cfg.batch_norm)
             )
@@ -109,10 +129,12 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation block (BN-ReLU-conv), He et al. 2016b; the shortcut gets BN before its conv.
+    """Pre-activation block (BN-ReLU-conv), He et al. 2016b.
 
-    The shortcut's BN sits on the block input, as the paper describes, which is what makes
-    the pre-activation model 11,226,020 parameters.
+    Where the shape changes, the paper's ResNet-18 gives the shortcut a BN of its own before
+    its conv, on the block input, as the paper describes (which is what makes its
+    pre-activation model 11,226,020 parameters). A CIFAR ResNet's projection takes the block's
+    own pre-activation instead, as in He et al. 2016b and Zagoruyko & Komodakis's code.
     """
 
     def __init__(self, inplanes: int, planes: int, stride: int, cfg: ModelConfig) -> None:
@@ -124,15 +146,39 @@ class PreActBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.block_dropout) if cfg.block_dropout else nn.Identity()
         self.conv2 = _conv(planes, planes, 3)
         self.downsample = None
-        if stride != 1 or inplanes != planes:
+        self.shortcut_preactivated = cfg.family == "cifar-resnet" and cfg.shortcut == "projection"
+        if (stride != 1 or inplanes != planes) and cfg.shortcut == "zero-pad":
+            self.downsample = ZeroPadShortcut(planes - inplanes, stride)
+        elif (stride != 1 or inplanes != planes) and self.shortcut_preactivated:
+            self.downsample = _conv(inplanes, planes, cfg.shortcut_kernel, stride)
+        elif stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(_norm(inplanes, cfg.batch_norm),
                                             _conv(inplanes, planes, cfg.shortcut_kernel, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv1(self.relu(self.bn1(x)))
+        pre = self.relu(self.bn1(x))
+        identity = (x if self.downsample is None else
+                    self.downsample(pre if self.shortcut_preactivated else x))
+        out = self.conv1(pre)
         out = self.conv2(self.dropout(self.relu(self.bn2(out))))
         return out + identity
+
+
+def _stage(block: type[nn.Module], inplanes: int, planes: int, stride: int,
+           cfg: ModelConfig) -> nn.Sequential:
+    """`cfg.blocks` blocks, the first taking the stride and the change of width."""
+    return nn.Sequential(*(block(inplanes if j == 0 else planes, planes, stride if j == 0 else 1,
+                                 cfg) for j in range(cfg.blocks)))
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation (He et al.'s for the convolutions)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class ResNet18(nn.Module):
@@ -152,31 +198,66 @@ class ResNet18(nn.Module):
         inplanes = 64  # the stem stays at 64 channels whatever the width multiplier
         for i, base_width in enumerate(STAGE_WIDTHS):
             planes = base_width * cfg.width
-            blocks = []
-            for j in range(BLOCKS_PER_STAGE):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(inplanes, planes, stride, cfg))
-                inplanes = planes
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.add_module(f"layer{i + 1}", _stage(block, inplanes, planes, 1 if i == 0 else 2,
+                                                    cfg))
+            inplanes = planes
         # Pre-activation blocks end on a sum; one ReLU (no BN, which would change the
         # parameter count) gives the classifier rectified features as in the post variant.
         self.final_relu = nn.ReLU() if cfg.block == "pre" else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.fc_dropout) if cfg.fc_dropout else nn.Identity()
         self.fc = nn.Linear(inplanes, num_classes)
-
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(self.final_relu(x)), 1)
         return self.fc(self.dropout(x))
+
+
+class CifarResNet(nn.Module):
+    """A 3x3 16-channel stem, three stages of `cfg.blocks` blocks at widths 16k, 32k and 64k
+    (the second and third starting with stride 2), global average pooling and fc.
+
+    Post-activation blocks with zero-padded shortcuts and k = 1 make He et al.'s 6n+2-layer
+    CIFAR ResNets (ResNet-110: n = 18); pre-activation blocks with 1x1 projections make
+    Zagoruyko & Komodakis's WRN-(6n+4)-k (WRN-16-8: n = 2, k = 8). A post-activation network
+    applies BN-ReLU after its stem; a pre-activation one leaves that to its first block and
+    ends with BN-ReLU before pooling, as the wide ResNets' code does.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 100) -> None:
+        super().__init__()
+        self.cfg = cfg
+        post = cfg.block == "post"
+        self.conv1 = _conv(3, CIFAR_STAGE_WIDTHS[0], 3)
+        self.bn1 = _norm(CIFAR_STAGE_WIDTHS[0], cfg.batch_norm) if post else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if post else nn.Identity()
+        block = BasicBlock if post else PreActBlock
+        inplanes = CIFAR_STAGE_WIDTHS[0]
+        for i, base_width in enumerate(CIFAR_STAGE_WIDTHS):
+            planes = base_width * cfg.width
+            self.add_module(f"layer{i + 1}", _stage(block, inplanes, planes, 1 if i == 0 else 2,
+                                                    cfg))
+            inplanes = planes
+        self.final_bn = nn.Identity() if post else _norm(inplanes, cfg.batch_norm)
+        self.final_relu = nn.Identity() if post else nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.fc_dropout) if cfg.fc_dropout else nn.Identity()
+        self.fc = nn.Linear(inplanes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(self.final_relu(self.final_bn(x))), 1)
+        return self.fc(self.dropout(x))
+
+
+def network(cfg: ModelConfig, num_classes: int = 100) -> nn.Module:
+    """The network `cfg` describes, freshly initialised (no pretrained weights)."""
+    return (ResNet18 if cfg.family == "resnet18" else CifarResNet)(cfg, num_classes)
 
 
 def count_params(model: nn.Module) -> int:
@@ -190,7 +271,7 @@ def training_flops(cfg: ModelConfig, num_classes: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        ResNet18(cfg, num_classes)(torch.empty(2, 3, 32, 32)).sum().backward()
+        network(cfg, num_classes)(torch.empty(2, 3, 32, 32)).sum().backward()
     return counter.get_total_flops() / 2
 
 
@@ -239,10 +320,10 @@ def load_pretrained(model: ResNet18, source: str) -> None:
     model.load_state_dict(state, strict=False)  # fc keeps its fresh initialisation
 
 
-def build_model(spec: str | ModelConfig, num_classes: int = 100) -> ResNet18:
+def build_model(spec: str | ModelConfig, num_classes: int = 100) -> nn.Module:
     """Build an experiment's network by name, or any `ModelConfig`; loads pretrained weights."""
     cfg = get_experiment(spec).model if isinstance(spec, str) else spec
-    model = ResNet18(cfg, num_classes)
+    model = network(cfg, num_classes)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model

@@ -33,6 +33,10 @@ from .figures import (
 from .results import Run, combined_profile, paper_order, scan
 
 PAPER = tomllib.loads(resources.files(__package__).joinpath("paper.toml").read_text())
+# The literature row each literature experiment re-measures, and under which recipe.
+LITERATURE = {lit[recipe]: (lit, label) for lit in PAPER["literature"]
+              for recipe, label in (("published", "published recipe"),
+                                    ("paper_recipe", "paper's protocol"))}
 QUICK_NOTE = ("QUICK profile: few epochs on a subset. A smoke test of the pipeline, "
               "not the paper's protocol; do not compare with the paper's numbers.")
 CUSTOM_NOTE = ("Rows whose settings are not 'paper' ran with settings other than their "
@@ -63,7 +67,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
     rows = []
     for name in paper_order({*results, *(u["experiment"] for u in without_result)}):
         runs = results.get(name)
-        paper = PAPER["experiments"].get(name, {})
+        paper = PAPER["experiments"].get(name) or LITERATURE.get(name, ({},))[0]
         if not runs:
             exp = EXPERIMENTS.get(name)
             rows.append({"experiment": name, "row": exp.row if exp else name, "n": 0,
@@ -86,8 +90,23 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
     return rows
 
 
+def unmeasured_literature(rows: list[dict]) -> list[dict]:
+    """The paper's literature rows that no experiment of the study re-measured."""
+    names = {r["experiment"] for r in rows}
+    return [lit for lit in PAPER["literature"]
+            if not {lit["published"], lit["paper_recipe"]} & names]
+
+
+def _settings_cell(r: dict) -> str:
+    """A literature experiment run as its preset says is named by its recipe, not "paper"."""
+    if r["experiment"] in LITERATURE and r["settings"] == "paper":
+        return LITERATURE[r["experiment"]][1]
+    return r["settings"]
+
+
 def table_cells(rows: list[dict]) -> list[list[str]]:
-    """Table 1 as text cells, the measured rows then the paper's literature rows."""
+    """Table 1 as text cells: the measured rows (literature rows with their measurements), then
+    the literature rows the study did not re-measure, with the paper's number alone."""
     cells = []
     for r in rows:
         paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
@@ -97,9 +116,10 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
         std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
-                      f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff, r["settings"]])
-    return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", "", "literature"]
-                    for lit in PAPER["literature"]]
+                      f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff,
+                      _settings_cell(r)])
+    return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", "",
+                     "literature (not re-measured)"] for lit in unmeasured_literature(rows)]
 
 
 def table_head(rows: list[dict]) -> list[str]:
@@ -121,9 +141,9 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        for lit in PAPER["literature"]:
+        for lit in unmeasured_literature(rows):
             writer.writerow({"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature",
-                             "settings": "literature"})
+                             "settings": "literature (not re-measured)"})
 
     head = table_head(rows)
     body = table_cells(rows)
@@ -282,9 +302,9 @@ def report(root: Path) -> Report:
     if images is not None:
         figures.append(("figure3", "Figure 3: one augmented training mini-batch.",
                         save(figure3(images, first.data.padding_mode), out, "figure3")))
-    for fig_id, (title, names) in FIGURES.items():
+    for fig_id, (label, title, names) in FIGURES.items():
         if any(n in results for n in names):
-            caption = f"Figure {fig_id[-1]}: {title} (mean over seeds; band: min to max)."
+            caption = f"{label}: {title} (mean over seeds; band: min to max)."
             missing = [n for n in names if n not in results]
             if missing:
                 caption += f" Not drawn, no completed run: {', '.join(missing)}."

@@ -40,10 +40,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The paper's "one cycle policy", stepped every batch; its "initial LR" is max_lr."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                               steps_per_epoch=steps_per_epoch)
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """PyTorch's own schedulers, stepped every batch. onecycle: the paper's "one cycle policy",
+    whose "initial LR" is max_lr. multistep: the LR times `gamma` at each milestone epoch (the
+    literature's step schedules), after `warmup_steps` batches at `warmup_factor` x LR."""
+    lr_scheduler = torch.optim.lr_scheduler
+    if cfg.schedule == "onecycle":
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
+                                       steps_per_epoch=steps_per_epoch)
+    # SequentialLR restarts the second scheduler's count where the warm-up ends.
+    warmup = cfg.warmup_steps
+    steps = lr_scheduler.MultiStepLR(  # a milestone inside the warm-up applies when it ends
+        optimizer, [max(m * steps_per_epoch - warmup, 0) for m in cfg.milestones],
+        gamma=cfg.gamma)
+    if not warmup:
+        return steps
+    return lr_scheduler.SequentialLR(optimizer, [
+        lr_scheduler.ConstantLR(optimizer, factor=cfg.warmup_factor, total_iters=warmup),
+        steps], milestones=[warmup])
 
 
 def clip_gradients(model: nn.Module, cfg: TrainConfig) -> None:
@@ -78,13 +92,14 @@ def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Te
 def schedule_table(cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Every step's (LR, momentum), one row per step of the run, traced from the scheduler that
-    `make_scheduler` builds, driven over a stand-in parameter: the graph follows it exactly.
+    `make_scheduler` builds (one-cycle varies both), driven over a stand-in parameter: the graph
+    follows it exactly.
     In the parameters' dtype, as torch.optim rounds its Python-number LR and momentum."""
     optimizer = make_optimizer(nn.Linear(1, 1), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     group = optimizer.param_groups[0]
     rows = []
-    for _ in range(scheduler.total_steps):
+    for _ in range(cfg.epochs * steps_per_epoch):
         rows.append((group["lr"], group["momentum"]))
         optimizer.step()  # no gradients, so no change; it keeps the scheduler's order check quiet
         scheduler.step()
