@@ -22,6 +22,8 @@ from resnet_study.config import EXPERIMENTS, GROUPS
 from resnet_study.models import ResNet18, count_params
 from resnet_study.report import PAPER
 
+TRAIN_IMAGES = 50_000  # CIFAR's training set, and the stand-in's
+
 
 def check_param_counts() -> str:
     wrong = []
@@ -56,25 +58,25 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
-def check_graph_step(device: torch.device, steps: int = 12) -> str:
+def check_graph_step(device: torch.device, name: str, steps: int = 12) -> str:
     """The step replayed as a CUDA graph against PyTorch's eager step, from one initialisation
-    on the same batches, in float32 (on a CPU the graph-ready step runs uncaptured). Training
-    on noise amplifies rounding from step to step, so the yardstick is how far an eager run
-    moves when one initial weight moves by one float32 ulp."""
-    exp = EXPERIMENTS["resnet18-lr0.01"]
+    on the same batches (on a CPU the graph-ready step runs uncaptured). In float64, so that
+    rounding, which training on noise amplifies from step to step, stays far below the
+    yardstick: how far an eager run moves when one initial weight moves by one float32 ulp."""
+    exp = EXPERIMENTS[name]
     cfg = dataclasses.replace(exp.train, epochs=1)
     torch.manual_seed(0)
-    batches = [(torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last),
+    batches = [(torch.randn(64, 3, 32, 32, device=device, dtype=torch.float64)
+                .to(memory_format=torch.channels_last),
                 torch.randint(0, 100, (64,), device=device)) for _ in range(steps)]
     initial = ResNet18(exp.model).state_dict()
     weights, graph_step = {}, None
     for run in ("eager", "nudged", "graph"):
-        model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
+        model = ResNet18(exp.model).to(device, torch.float64, memory_format=torch.channels_last)
         model.load_state_dict(initial)
         if run == "nudged":
             with torch.no_grad():
-                model.fc.weight[0, 0] = torch.nextafter(model.fc.weight[0, 0],
-                                                        torch.tensor(float("inf"), device=device))
+                model.fc.weight[0, 0] *= 1 + 2**-23
         optimizer = steplib.make_optimizer(model, cfg)
         scheduler = steplib.make_scheduler(optimizer, cfg, steps)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -94,7 +96,7 @@ def check_graph_step(device: torch.device, steps: int = 12) -> str:
     def moved(run: str) -> float:
         return ((weights[run] - weights["eager"]).norm() / weights["eager"].norm()).item()
 
-    assert moved("graph") <= 10 * moved("nudged") + 1e-6, \
+    assert moved("graph") <= moved("nudged") / 100, \
         f"graph vs eager {moved('graph'):.1e}, one-ulp nudge {moved('nudged'):.1e}"
     return (f"{steps} steps {'captured' if captured else 'uncaptured'} vs eager: weights differ "
             f"by {moved('graph'):.1e} (relative), a one-ulp nudge of one initial weight moves "
@@ -143,7 +145,10 @@ def cuda_path(device_name: str, workdir: Path) -> int:
     for name, check in [("parameter counts", check_param_counts),
                         ("bf16 vs fp32", lambda: check_bf16_against_fp32(device)),
                         ("checkpoint resume", lambda: check_resume(device, workdir)),
-                        ("CUDA graph step", lambda: check_graph_step(device))]:
+                        ("CUDA graph step, SGD", lambda: check_graph_step(device,
+                                                                          "resnet18-lr0.01")),
+                        ("CUDA graph step, Adam + clip", lambda: check_graph_step(
+                            device, "resnet18-adam-clip"))]:
         try:
             results[name] = {"ok": True, "detail": check()}
         except Exception as e:  # report every check, then fail
@@ -203,6 +208,19 @@ def table(out: Path) -> None:
         gain = {r: bench["graphs"][r] / bench["eager"][r] for r in ("compute", "project")}
         rows.append(("graphs / eager", f"compute {gain['compute']:.2f}x, project "
                      f"{gain['project']:.2f}x"))
+    for name in GROUPS["literature"][::2]:  # the networks, by their published recipes
+        path = out / f"bench-{name}.json"
+        if path.exists():
+            b = json.loads(path.read_text())
+            hours = {epochs: epochs * TRAIN_IMAGES / b["project"] / 3600
+                     for epochs in (25, EXPERIMENTS[name].train.epochs)}
+            rows.append((f"bench {name}",
+                         f"{b['project']:,.0f} img/s at batch {b['batch_size']} "
+                         f"({b['gflop_per_image']:.2f} GFLOP/image, {b['project_tflops']:.2f} "
+                         f"TFLOP/s): 25 epochs {hours[25]:.2f} h, published recipe "
+                         f"({EXPERIMENTS[name].train.epochs} epochs) "
+                         f"{hours[EXPERIMENTS[name].train.epochs]:.2f} h of training "
+                         "(projected)"))
     base = out / "base-summary.json"
     if base.exists():
         s = json.loads(base.read_text())

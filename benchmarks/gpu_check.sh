@@ -25,11 +25,13 @@ study() { "$PYTHON" -m resnet_study "$@"; }
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     DEVICE=cpu DATA=synthetic BUDGET=600
     BENCH=(--batch-size 32 --batches 1 --windows 1)
+    LITERATURE=(--batch-size 8 --batches 1 --windows 1 --warmup 1)
     BASE=(--epochs 1 --subset 256 --test-subset 256 --batch-size 64)
     ROWS=(resnet18-lr0.01 resnet18-adam --subset 128 --test-subset 128 --batch-size 64)
 else
     DEVICE=cuda DATA=${GPU_CHECK_DATA:-.gpu/cifar10-jpeg.tar.gz} BUDGET=480
     BENCH=(--batches 20 --windows 5)
+    LITERATURE=(--batch-size 128 --batches 10 --windows 3)
     BASE=()
     ROWS=(--all)
     if [ ! -f "$DATA" ]; then
@@ -55,6 +57,13 @@ for mode in eager graphs; do
         > "$OUT/bench-$mode.json" 2> "$OUT/bench-$mode.log" \
         || { failed=1; tail -3 "$OUT/bench-$mode.log"; rm -f "$OUT/bench-$mode.json"; }
     cat "$OUT/bench-$mode.json" 2>/dev/null
+done
+
+for name in resnet-110 wrn-16-8; do
+    echo "== bench $name (the literature rows' networks, batch of their published recipe)"
+    study bench $name --device "$DEVICE" --json --no-reference "${LITERATURE[@]}" \
+        > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.log" \
+        || { failed=1; tail -3 "$OUT/bench-$name.log"; rm -f "$OUT/bench-$name.json"; }
 done
 
 echo "== base model, 25-epoch recipe, --cuda-graphs, on $DATA"

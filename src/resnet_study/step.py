@@ -91,16 +91,23 @@ def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Te
 
 def schedule_table(cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Every step's (LR, momentum), one row per step of the run, traced from the scheduler that
-    `make_scheduler` builds (one-cycle varies both), driven over a stand-in parameter: the graph
-    follows it exactly.
-    In the parameters' dtype, as torch.optim rounds its Python-number LR and momentum."""
+    """Every step's optimiser hyper-parameters, one row per step of the run, traced from the
+    scheduler that `make_scheduler` builds, driven over a stand-in parameter: the graph follows
+    it exactly. SGD: (LR, momentum), both varied by one-cycle. Adam and AdamW: (LR, beta1,
+    LR / bias correction 1, sqrt of bias correction 2, 1 - LR x weight decay), the host
+    arithmetic of torch.optim's Adam done once, in float64 as there, for step t = row + 1.
+    In the parameters' dtype, as torch.optim rounds its Python numbers."""
     optimizer = make_optimizer(nn.Linear(1, 1), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     group = optimizer.param_groups[0]
     rows = []
-    for _ in range(cfg.epochs * steps_per_epoch):
-        rows.append((group["lr"], group["momentum"]))
+    for t in range(1, cfg.epochs * steps_per_epoch + 1):
+        if cfg.optimizer == "sgd":
+            rows.append((group["lr"], group["momentum"]))
+        else:
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            rows.append((lr, beta1, lr / (1 - beta1**t), (1 - beta2**t) ** 0.5,
+                         1 - lr * cfg.weight_decay))
         optimizer.step()  # no gradients, so no change; it keeps the scheduler's order check quiet
         scheduler.step()
     return torch.tensor(rows, dtype=dtype, device=device)
@@ -112,8 +119,6 @@ def graph_obstacle(cfg: TrainConfig, device: torch.device, amp, world: int) -> s
         return "they need a CUDA device"
     if world > 1:
         return "not under torchrun (DDP reduces gradients from the host)"
-    if cfg.optimizer != "sgd":
-        return f"the graph-ready step is SGD's, and this run uses {cfg.optimizer}"
     if amp == torch.float16:
         return "fp16 needs loss scaling, which checks gradients on the host; use bf16"
     if cfg.compile:
@@ -122,12 +127,13 @@ def graph_obstacle(cfg: TrainConfig, device: torch.device, amp, world: int) -> s
 
 
 class GraphStep:
-    """SGD's step for `model`, every per-step value on the device. With `capture`, the first
+    """The training step for `model` (SGD, Adam or AdamW), every per-step value on the device.
+    With `capture`, the first
     full batch after `GRAPH_WARMUP` steps is captured as a CUDA graph and every later batch of
     that shape replays it; other batches (an epoch's shorter last one) run uncaptured. A capture
     that fails says so in one line and leaves the run uncaptured, never stopped."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, amp,
                  steps_per_epoch: int, capture: bool, log: Callable[[str], None]) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -145,7 +151,7 @@ class GraphStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
         """The batch's mean loss, as a device tensor valid until the next step."""
-        if not self._has_momentum_buffers():  # a new run: PyTorch's first step creates them
+        if not self._has_state():  # a new run: PyTorch's first step creates the optimiser state
             loss = train_step(self.model, self.optimizer, self.scheduler, self.no_scaler, x, y,
                               self.cfg, self.device, self.amp)
             self.index += 1
@@ -161,16 +167,21 @@ class GraphStep:
             loss = self._warm_up(x, y)
         else:
             loss = self._step(x, y)
-        self.scheduler.step()  # the host's copy of the schedule, for logs and checkpoints
+        # The host's copies, for logs and checkpoints: the schedule, and Adam's step counts.
+        self.scheduler.step()
+        if self.cfg.optimizer != "sgd":
+            torch._foreach_add_([self.optimizer.state[p]["step"] for p in self.params], 1.0)
         return loss
 
-    def _has_momentum_buffers(self) -> bool:
+    def _has_state(self) -> bool:
+        key = "momentum_buffer" if self.cfg.optimizer == "sgd" else "exp_avg"
         state = self.optimizer.state
-        return all(state.get(p, {}).get("momentum_buffer") is not None for p in self.params)
+        return all(state.get(p, {}).get(key) is not None for p in self.params)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """torch.optim.SGD's foreach update, in its order, with the LR and momentum read from
-        the table on the device (autocast's weight cache off, as graph capture requires)."""
+        """Forward, loss, backward, clipping, then torch.optim's foreach update in its order,
+        with the step's hyper-parameters read from the table on the device (autocast's weight
+        cache off, as graph capture requires)."""
         cfg = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16,
                             enabled=self.amp is not None, cache_enabled=False):
@@ -180,11 +191,15 @@ class GraphStep:
         loss.backward()
         clip_gradients(self.model, cfg)
         with torch.no_grad():
-            self._sgd_update()
+            row = self.table.index_select(0, self.index)[0].unbind()
+            if cfg.optimizer == "sgd":
+                self._sgd_update(*row)
+            else:
+                self._adam_update(*row)
+            self.index += 1
         return loss.detach()
 
-    def _sgd_update(self) -> None:
-        lr, momentum = self.table.index_select(0, self.index)[0].unbind()
+    def _sgd_update(self, lr: torch.Tensor, momentum: torch.Tensor) -> None:
         params = self.params
         grads = [p.grad for p in params]
         bufs = [self.optimizer.state[p]["momentum_buffer"] for p in params]
@@ -197,7 +212,29 @@ class GraphStep:
         else:
             grads = bufs
         torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
-        self.index += 1
+
+    def _adam_update(self, lr: torch.Tensor, beta1: torch.Tensor, step_size: torch.Tensor,
+                     bias_correction2_sqrt: torch.Tensor, decay: torch.Tensor) -> None:
+        params, cfg = self.params, self.cfg
+        group = self.optimizer.param_groups[0]
+        state = [self.optimizer.state[p] for p in params]
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in state]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in state]
+        if cfg.weight_decay and cfg.optimizer == "adamw":
+            torch._foreach_mul_(params, decay)
+        elif cfg.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, [1 - beta1] * len(grads))
+        beta2 = group["betas"][1]
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(update, step_size)
+        torch._foreach_sub_(params, update)
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.warmup -= 1
