@@ -201,14 +201,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else EXIT_DIVERGED
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
+def _runs_per_device(text: str) -> int | None:
+    """--runs-per-device: a whole number >= 1, or None for auto."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
         raise UsageError(f"--runs-per-device takes auto or a whole number >= 1, not {text!r}")
-    return n
+    return int(text)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -225,7 +224,7 @@ def cmd_study(args: argparse.Namespace) -> int:
              *(name for group in args.group for name in GROUPS[group])]
     names = list(dict.fromkeys(names))
     runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
-    per_device = None if args.runs_per_device == "auto" else _positive(args.runs_per_device)
+    per_device = _runs_per_device(args.runs_per_device)
     devices = None
     if args.devices:
         devices = [d if d == "cpu" or d.startswith("cuda") else f"cuda:{d}"

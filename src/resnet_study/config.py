@@ -120,7 +120,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
     channels_last: bool = True
     compile: bool = False
-    cuda_graphs: bool = False  # replay each SGD step as one CUDA graph (opt-in until GPU-checked)
+    cuda_graphs: bool = False  # replay each training step as one CUDA graph (opt-in for now)
     deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
     sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
     eval_batch_size: int = 1024

@@ -128,10 +128,11 @@ def graph_obstacle(cfg: TrainConfig, device: torch.device, amp, world: int) -> s
 
 class GraphStep:
     """The training step for `model` (SGD, Adam or AdamW), every per-step value on the device.
-    With `capture`, the first
-    full batch after `GRAPH_WARMUP` steps is captured as a CUDA graph and every later batch of
-    that shape replays it; other batches (an epoch's shorter last one) run uncaptured. A capture
-    that fails says so in one line and leaves the run uncaptured, never stopped."""
+
+    With `capture`, the first full batch after `GRAPH_WARMUP` steps is captured as a CUDA graph
+    and every later batch of that shape replays it; other batches (an epoch's shorter last one)
+    run uncaptured. A capture that fails says so in one line and leaves the run uncaptured,
+    never stopped."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, amp,

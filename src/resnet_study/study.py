@@ -18,11 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
+import torch
+
 from .config import Experiment, UsageError, get_experiment
 from .data import ImageSet, load_images
-from .device import resolve_device
+from .device import autocast, autocast_dtype, resolve_device
 from .files import write_json
 from .models import build_model, training_flops
+from .step import make_optimizer
 from .train import check_sizes, train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
@@ -208,10 +211,6 @@ def auto_runs_per_device(device_name: str, todo: list[Run],
     """`--runs-per-device auto`: one on a CPU, whose cores one run's kernels already share;
     on a GPU, as many as its free memory holds, each run's need measured by one training step
     of the study's costliest run (plus its images on the device), up to `MAX_RUNS_PER_GPU`."""
-    import torch
-
-    from .step import make_optimizer
-
     device = resolve_device(device_name)
     if device.type != "cuda":
         return 1, "one on a CPU"
@@ -223,13 +222,12 @@ def auto_runs_per_device(device_name: str, todo: list[Run],
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(exp.train.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, len(data.classes), (exp.train.batch_size,), device=device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = torch.nn.functional.cross_entropy(model(x.to(memory_format=torch.channels_last))
-                                                 .float(), y)
-    loss.backward()
+    with autocast(device, autocast_dtype(exp.train.precision, device)):
+        logits = model(x.to(memory_format=torch.channels_last))
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
     make_optimizer(model, exp.train).step()
     step_bytes = torch.cuda.max_memory_allocated(device) - before
-    del model, x, y, loss
+    del model, x, y, logits
     torch.cuda.empty_cache()
     run_bytes = step_bytes + data.train_images.nbytes + data.test_images.nbytes + 2**30
     free, _ = torch.cuda.mem_get_info(device)
