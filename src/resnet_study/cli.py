@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_config_flags(p)  # --data defaults to synthetic here: speed does not depend on pixels
 
+    p = sub.add_parser("inspect", help="feature maps, filters, Grad-CAM, activation statistics "
+                       "and a t-SNE map of a trained run, into RUN_DIR/inspect/",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--images", type=int, default=2000,
+                   help="test images for the statistics, the t-SNE map and the Grad-CAM choice")
+    p.add_argument("--data", help="data to inspect on (default: the run's)")
+    p.add_argument("--device", help="device (default: the run's)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on the test set")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", help="data to evaluate on (default: the run's)")
@@ -292,36 +302,11 @@ def _report(result: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
+    from .train import evaluate, load_run
 
-    from .device import autocast_dtype, resolve_device
-    from .models import build_model
-    from .train import evaluate, load_checkpoint, make_splits
-
-    config = args.run_dir / "config.json"
-    if not config.is_file():
-        raise UsageError(f"{args.run_dir} is not a run directory (no config.json)")
-    try:
-        exp = Experiment.from_dict(json.loads(config.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
-    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", args.data),
-                                                             ("device", args.device)) if v})
-    ckpt_path = args.run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    device = resolve_device(exp.train.device)
-    splits = make_splits(exp.data, exp.train, device, progress=not args.json)
-    model = build_model(exp.model, len(splits.images.classes))
-    mismatch = _mismatch(ckpt["model"], model.state_dict())
-    if mismatch:  # another width, block, shortcut or number of classes
-        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
-                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
-                         "copied from different runs?")
-    model.load_state_dict(ckpt["model"])
-    if exp.train.channels_last:
-        model = model.to(device, memory_format=torch.channels_last)
-    test = evaluate(model.to(device), splits.test, autocast_dtype(exp.train.precision, device))
-    r = {"run": str(args.run_dir), "epoch": ckpt["epoch"], "data": splits.images.name,
+    run = load_run(args.run_dir, args.data, args.device, progress=not args.json)
+    test = evaluate(run.model, run.splits.test, run.amp)
+    r = {"run": str(args.run_dir), "epoch": run.epoch, "data": run.splits.images.name,
          "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
     _report(r, args.json, f"{args.run_dir} (epoch {r['epoch']}, {r['data']}): test loss "
                           f"{r['test_loss']:.4f}  top-1 {r['test_top1']:.4f}  "
@@ -329,20 +314,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mismatch(saved: dict, expected: dict) -> str:
-    """The first difference between a checkpoint's weights and those the config builds."""
-    for key, tensor in expected.items():
-        if key not in saved:
-            return f"the config's {key} is not in the checkpoint"
-        if getattr(saved[key], "shape", None) != tensor.shape:
-            shape = list(getattr(saved[key], "shape", []))
-            return f"{key} is {shape} in the checkpoint, {list(tensor.shape)} for the config"
-    extra = next((key for key in saved if key not in expected), None)
-    return f"the checkpoint's {extra} is not in the config's network" if extra else ""
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_run
+
+    s = inspect_run(args.run_dir, args.images, args.data, args.device, progress=not args.json)
+    _report(s, args.json, f"{args.run_dir}/inspect: {s['images']} test images of {s['data']}, "
+                          f"Grad-CAM on {s['cam_layer']}, {s['seconds']:.1f} s")
+    return 0
 
 
 COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_study,
-            "report": cmd_report, "bench": cmd_bench, "evaluate": cmd_evaluate}
+            "report": cmd_report, "bench": cmd_bench, "evaluate": cmd_evaluate,
+            "inspect": cmd_inspect}
 
 
 RESUME_HINT = {"train": "to resume, run the same command with --resume",

@@ -9,6 +9,7 @@ itself can replay as one CUDA graph (`step.GraphStep`, `--cuda-graphs`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import signal
@@ -182,6 +183,59 @@ def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) ->
                 raise UsageError(
                     f"{path} was written by experiment {saved.get('name')!r} with {key}={old!r}, "
                     f"not {value!r}; resume with the same settings or choose another --out")
+
+
+def _mismatch(saved: dict, expected: dict) -> str:
+    """The first difference between a checkpoint's weights and those the config builds."""
+    for key, tensor in expected.items():
+        if key not in saved:
+            return f"the config's {key} is not in the checkpoint"
+        if getattr(saved[key], "shape", None) != tensor.shape:
+            shape = list(getattr(saved[key], "shape", []))
+            return f"{key} is {shape} in the checkpoint, {list(tensor.shape)} for the config"
+    extra = next((key for key in saved if key not in expected), None)
+    return f"the checkpoint's {extra} is not in the config's network" if extra else ""
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    experiment: Experiment
+    epoch: int  # epochs behind the checkpoint
+    splits: Splits
+    model: nn.Module  # the checkpoint's weights, on `device`, in eval mode
+    device: torch.device
+    amp: torch.dtype | None
+
+
+def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
+             progress: bool = True) -> LoadedRun:
+    """A run's trained model with its experiment and data, to evaluate or inspect it (on other
+    data or another device if given). A folder that is not a run, a missing checkpoint, or a
+    checkpoint that does not fit its config (another architecture) is a UsageError."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        exp = Experiment.from_dict(json.loads(config.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
+    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", data),
+                                                             ("device", device)) if v})
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    target = resolve_device(exp.train.device)
+    splits = make_splits(exp.data, exp.train, target, progress=progress)
+    model = build_model(exp.model, len(splits.images.classes))
+    mismatch = _mismatch(ckpt["model"], model.state_dict())
+    if mismatch:  # another width, block, shortcut or number of classes
+        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
+                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
+                         "copied from different runs?")
+    model.load_state_dict(ckpt["model"])
+    memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+    model = model.to(target, memory_format=memory_format).eval()
+    return LoadedRun(exp, ckpt["epoch"], splits, model, target,
+                     autocast_dtype(exp.train.precision, target))
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""Inside a trained model: the analysis the paper names as its future work ("visualize the
+output of each feature map and statistical comparisons to observe the variance of the outputs").
+
+`inspect_run` reads a run's checkpoint and writes `RUN_DIR/inspect/`: feature maps of the stem
+and of every stage for a fixed set of test images, the stem's filters, Grad-CAM overlays for
+right and wrong predictions, per-block activation statistics over the test images, and a t-SNE
+map of the penultimate features beside the run's per-class accuracy. Every figure comes from
+hooks on the network's own modules, so it works for every architecture the project builds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import figures
+from .config import UsageError
+from .device import autocast
+from .figures import save
+from .files import atomic_open, write_csv, write_json
+from .models import BasicBlock
+from .train import LoadedRun, load_run
+
+DEFAULT_IMAGES = 2000  # test images for the statistics, the embedding and the CAM candidates
+GRID_IMAGES = 8  # images in every picture grid: the first test image of each of 8 classes
+GRID_CHANNELS = 8  # feature maps shown per stage: its most active channels on those images
+MIN_CAM_SIZE = 4  # Grad-CAM's layer: the deepest stage whose maps are at least 4x4
+STAT_COLUMNS = ["block", "stage", "channels", "height", "width", "mean", "variance",
+                "dead_fraction", "residual_ratio"]
+
+
+def stages(model: nn.Module) -> list[str]:
+    """The stage names of a network (`layer1`..`layer4` or `layer1`..`layer3`)."""
+    return [name for name, _ in model.named_children() if name.startswith("layer")]
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"{stage}.{i}", block) for stage in stages(model)
+            for i, block in enumerate(getattr(model, stage))]
+
+
+@dataclass
+class BlockStats:
+    """Running sums over the test images for one residual block."""
+
+    total: float = 0.0
+    squares: float = 0.0
+    count: int = 0
+    fired: torch.Tensor | None = None  # per unit between the two convs: ever above zero?
+    ratios: list[float] = field(default_factory=list)  # per image: |residual| / |shortcut|
+    shape: tuple[int, ...] = ()
+    shortcut: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    def row(self, name: str) -> dict:
+        mean = self.total / self.count
+        return {"block": name, "stage": name.split(".")[0], "channels": self.shape[0],
+                "height": self.shape[1], "width": self.shape[2], "mean": mean,
+                "variance": self.squares / self.count - mean**2,
+                "dead_fraction": float((~self.fired).float().mean()),
+                "residual_ratio": float(np.mean(self.ratios))}
+
+
+def _residual_end(block: nn.Module) -> nn.Module:
+    """The module whose output is the block's residual branch, just before the sum."""
+    return block.bn2 if isinstance(block, BasicBlock) else block.conv2
+
+
+def watch_blocks(model: nn.Module) -> tuple[dict[str, BlockStats], list]:
+    """Hooks that fill one `BlockStats` per block as images pass (eval mode, no gradients).
+
+    The block's output gives the mean and variance; the input of its second conv, after the
+    ReLU between the convs, gives the units that never fire; the residual branch (before the
+    sum) against the shortcut (the input, or the projection or zero-padding of it) gives how
+    much the block changes what passes through it."""
+    stats: dict[str, BlockStats] = {}
+    handles = []
+    for name, block in blocks(model):
+        s = stats[name] = BlockStats()
+
+        def on_input(module, args, s=s, block=block):
+            if block.downsample is None:
+                s.shortcut = args[0]
+
+        def on_shortcut(module, args, out, s=s):
+            s.shortcut = out
+
+        def on_residual(module, args, out, s=s):
+            s.residual = out
+
+        def on_inner(module, args, s=s):
+            fired = (args[0] > 0).any(dim=0)
+            s.fired = fired if s.fired is None else s.fired | fired
+
+        def on_output(module, args, out, s=s):
+            out = out.float()
+            s.total += float(out.sum(dtype=torch.float64))
+            s.squares += float((out.double() ** 2).sum())
+            s.count += out.numel()
+            s.shape = tuple(out.shape[1:])
+            r = s.residual.float().flatten(1).norm(dim=1)
+            k = s.shortcut.float().flatten(1).norm(dim=1)
+            s.ratios.extend((r / k.clamp_min(1e-12)).tolist())
+
+        handles += [block.register_forward_pre_hook(on_input),
+                    _residual_end(block).register_forward_hook(on_residual),
+                    block.conv2.register_forward_pre_hook(on_inner),
+                    block.register_forward_hook(on_output)]
+        if block.downsample is not None:
+            handles.append(block.downsample.register_forward_hook(on_shortcut))
+    return stats, handles
+
+
+def _batches(run: LoadedRun, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `n` test images of the run's test split, normalised as in training."""
+    seen = 0
+    for x, y in run.splits.test.epoch(0):
+        take = min(len(y), n - seen)
+        yield x[:take], y[:take]
+        seen += take
+        if seen >= n:
+            return
+
+
+@dataclass
+class Pass:
+    """What one pass over the test images collects."""
+
+    stats: dict[str, BlockStats]
+    features: np.ndarray  # penultimate features (the fc's input), one row per image
+    predicted: np.ndarray
+    labels: np.ndarray
+    maps: dict[str, torch.Tensor]  # stem and stage outputs of the grid images
+    sizes: dict[str, int]  # each stage's map size
+
+
+@torch.no_grad()
+def collect(run: LoadedRun, n: int, grid: np.ndarray) -> Pass:
+    model = run.model
+    stats, handles = watch_blocks(model)
+    features, predicted, labels, maps, sizes = [], [], [], {}, {}
+    grid_set = set(grid.tolist())
+    offset = 0
+    current: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out=None):
+            tensor = args[0] if out is None else out
+            current[name] = tensor
+            sizes[name] = tensor.shape[-1]
+        return hook
+
+    handles.append(model.layer1.register_forward_pre_hook(keep("stem")))
+    for stage in stages(model):
+        handles.append(getattr(model, stage).register_forward_hook(keep(stage)))
+    handles.append(model.fc.register_forward_pre_hook(
+        lambda module, args: features.append(args[0].float().cpu().numpy())))
+    try:
+        for x, y in _batches(run, n):
+            with autocast(run.device, run.amp):
+                logits = model(x)
+            predicted.append(logits.argmax(1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+            rows = [i - offset for i in range(offset, offset + len(y)) if i in grid_set]
+            for name, tensor in current.items():
+                if rows:
+                    maps.setdefault(name, []).append(tensor[rows].float().cpu())
+            offset += len(y)
+    finally:
+        for h in handles:
+            h.remove()
+    return Pass(stats, np.concatenate(features), np.concatenate(predicted),
+                np.concatenate(labels), {k: torch.cat(v) for k, v in maps.items()}, sizes)
+
+
+def grid_images(labels: np.ndarray, k: int = GRID_IMAGES) -> np.ndarray:
+    """The first test image of each of the first `k` classes present: the same images for every
+    run of a data set (and test subset), so that runs compare."""
+    firsts = {}
+    for i, label in enumerate(labels.tolist()):
+        firsts.setdefault(label, i)
+    return np.array(sorted(firsts[c] for c in sorted(firsts)[:k]))
+
+
+def cam_layer(sizes: dict[str, int]) -> tuple[str, str]:
+    """Grad-CAM's layer and why: the deepest stage whose maps still have `MIN_CAM_SIZE` pixels a
+    side. The paper's 7x7 stem leaves layer4 1x1 and layer3 2x2 on a 32x32 image: a map with no
+    or four pixels says nothing about where; layer2's 4x4 is the finest that still carries
+    meaning, deep enough to respond to objects rather than edges."""
+    names = [s for s in sizes if s != "stem"]
+    usable = [s for s in names if sizes[s] >= MIN_CAM_SIZE] or names[:1]
+    layer = usable[-1]
+    return layer, (f"{layer} ({sizes[layer]}x{sizes[layer]}): the deepest stage whose maps are "
+                   f"at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE} (stage sizes: "
+                   + ", ".join(f"{s} {sizes[s]}x{sizes[s]}" for s in names) + ")")
+
+
+def grad_cam(run: LoadedRun, layer: str, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Captum's LayerGradCam on `layer`, upsampled to the image, in float32: (N, H, W) in 0..1."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model = run.model
+    cam = LayerGradCam(model, getattr(model, layer))
+    with torch.enable_grad():
+        attribution = cam.attribute(x.float().requires_grad_(), target=target,
+                                    relu_attributions=True)
+    upsampled = LayerAttribution.interpolate(attribution, tuple(x.shape[-2:]),
+                                             interpolate_mode="bilinear")[:, 0]
+    peak = upsampled.flatten(1).amax(1).clamp_min(1e-12)
+    return (upsampled / peak[:, None, None]).detach().cpu().numpy()
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def _colours(run: LoadedRun, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Superclass of each label where the data set has them (CIFAR-100), else the class."""
+    images = run.splits.images
+    if images.superclasses is None or images.test_coarse is None:
+        return labels, images.classes
+    fine_to_coarse = np.zeros(len(images.classes), dtype=np.int64)
+    fine_to_coarse[images.test_labels] = images.test_coarse
+    return fine_to_coarse[labels], images.superclasses
+
+
+def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = None,
+                device: str | None = None, progress: bool = False) -> dict:
+    """Write `run_dir/inspect/` (everything is read and checked before anything is written);
+    returns its summary, also written as inspect/summary.json."""
+    from sklearn.manifold import TSNE
+
+    if images < 2:
+        raise UsageError(f"--images must be >= 2, not {images}")
+    start = time.perf_counter()
+    run = load_run(Path(run_dir), data, device, progress=progress)
+    name, classes = run.experiment.name, run.splits.images.classes
+    n = min(images, run.splits.test.num_images)
+    pictures = run.splits.test.images.cpu().numpy()  # NHWC uint8
+    grid = grid_images(run.splits.test.labels[:n].cpu().numpy())
+    p = collect(run, n, grid)
+    layer, why = cam_layer(p.sizes)
+    x = torch.cat([x for x, _ in _batches(run, n)])
+    picks = {"correct": np.flatnonzero(p.predicted == p.labels)[:GRID_IMAGES],
+             "wrong": np.flatnonzero(p.predicted != p.labels)[:GRID_IMAGES]}
+    cams = {kind: grad_cam(run, layer, x[idx], torch.as_tensor(p.predicted[idx],
+                                                                device=x.device))
+            if len(idx) else np.zeros((0, 32, 32)) for kind, idx in picks.items()}
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3),
+              random_state=0).fit_transform(p.features)
+    rows = [s.row(block) for block, s in p.stats.items()]
+    colour, colour_names = _colours(run, p.labels)
+
+    out = Path(run_dir) / "inspect"
+    out.mkdir(exist_ok=True)
+    for stage, maps in p.maps.items():  # pictures: PNG alone
+        save(figures.feature_map_figure(pictures[grid], maps.numpy(), GRID_CHANNELS,
+                                        f"{name}: {stage} feature maps"),
+             out, f"feature_maps_{stage}", svg=False)
+    save(figures.filter_figure(run.model.conv1.weight.detach().float().cpu().numpy(), name),
+         out, "stem_filters", svg=False)
+    for kind, idx in picks.items():
+        save(figures.cam_figure(pictures[idx], cams[kind], [classes[i] for i in p.labels[idx]],
+                                [classes[i] for i in p.predicted[idx]],
+                                f"{name}: Grad-CAM on {layer}, {kind} predictions (red: most "
+                                "weight for the predicted class)"),
+             out, f"cam_{kind}", svg=False)
+    write_csv(out / "activations.csv", rows, STAT_COLUMNS)
+    save(figures.activations_figure({name: rows}, f"{name}: activations per block ({n} test "
+                                                  "images)"), out, "activations")
+    save(figures.embedding_figure(xy, colour, colour_names, p.labels, p.predicted, classes,
+                                  f"{name}: penultimate features and per-class accuracy"),
+         out, "embedding")
+    with atomic_open(out / "embedding.csv") as f:
+        np.savetxt(f, np.column_stack([xy, p.labels, p.predicted]), delimiter=",",
+                   header="x,y,label,predicted", comments="", fmt=["%.4f", "%.4f", "%d", "%d"])
+    summary = {"run": str(run_dir), "experiment": name, "epoch": run.epoch,
+               "data": run.splits.images.name, "images": n, "grid_images": grid.tolist(),
+               "cam_layer": layer, "cam_layer_reason": why,
+               "accuracy_on_these_images": float((p.predicted == p.labels).mean()),
+               "seconds": time.perf_counter() - start}
+    write_json(out / "summary.json", summary)
+    return summary
