@@ -58,9 +58,41 @@ def test_report_writes_every_file(studies):
     expected = {"table1.md", "table1.csv", "table1.tex", "statistics.csv", "index.html",
                 "per_class.csv", "per_superclass.csv"}
     expected |= {f"{f}.{ext}" for f in ("figure2", "figure3", "figure5", "figure6", "figure7",
-                                        "figure8", "figure9", "confusion")
+                                        "figure8", "figure9", "confusion", "activations")
                  for ext in ("png", "svg")}
-    assert expected <= names
+    assert expected | {"activations.csv"} <= names
+
+
+def test_every_run_with_a_checkpoint_is_inspected_and_compared(studies, tmp_path):
+    """Inside the models: each completed run inspected once (its own inspect/ folder), the
+    experiments' statistics averaged over seeds against the base model, the base model's
+    picture grids on the page; a second report reuses the inspections."""
+    for name in EXPERIMENTS:
+        for seed in (0, 1):
+            assert (studies[False] / name / f"seed-{seed}" / "inspect" / "activations.csv").exists()
+    rows = read_csv(studies[False] / "report" / "activations.csv")
+    assert {r["experiment"] for r in rows} == set(EXPERIMENTS)
+    assert all(r["n"] == "2" for r in rows) and len(rows) == 8 * len(EXPERIMENTS)
+    per_run = [read_csv(studies[False] / "resnet18-no-bn" / f"seed-{s}" / "inspect" /
+                        "activations.csv") for s in (0, 1)]
+    mine = [r for r in rows if r["experiment"] == "resnet18-no-bn"]
+    for i, row in enumerate(mine):
+        assert float(row["variance"]) == pytest.approx(
+            (float(per_run[0][i]["variance"]) + float(per_run[1][i]["variance"])) / 2)
+    page = html.unescape((studies[False] / "report" / "index.html").read_text())
+    assert "<h2>Inside the models</h2>" in page
+    assert "resnet18-no-bn (n = 2): output variance " in page and "; the base model: " in page
+    assert "Base model, resnet18-lr0.01 (seed 0): cam correct." in page
+    stamp = (studies[False] / "resnet18-lr0.01" / "seed-0" / "inspect" / "summary.json")
+    before = stamp.stat().st_mtime
+    lines = []
+    study = tmp_path / "again"
+    shutil.copytree(studies[False], study)
+    report(study, log=lines.append)
+    assert not lines and (study / "resnet18-lr0.01" / "seed-0" / "inspect" / "summary.json"
+                          ).stat().st_mtime == before
+    report(study, inspect=False)
+    assert "Not inspected (report --no-inspect)." in (study / "report" / "index.html").read_text()
 
 
 def test_table1_matches_the_runs_and_the_paper(studies):

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
     p.add_argument("study_dir", type=Path)
+    p.add_argument("--no-inspect", dest="inspect", action="store_false",
+                   help="leave out the section on the inside of the models (each completed run "
+                        "with a checkpoint is otherwise inspected, once)")
 
     p = sub.add_parser("bench", help="images/s of the training loop against the bare step "
                        "and the usual torchvision pipeline",
@@ -254,7 +257,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .report import report
 
-    r = report(args.study_dir)
+    r = report(args.study_dir, inspect=args.inspect)
     print(f"report written to {r.index.parent} (open {r.index})")
     unreadable = [u for u in r.without_result if u["status"] == "unreadable"]
     if unreadable:

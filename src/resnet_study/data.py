@@ -565,10 +565,13 @@ class DeviceLoader:
             idx = idx[mine]
             x = (self._crop_and_flip(idx, *(d[mine] for d in draws)) if self.augment
                  else self.images[idx])
-            x = x.float().sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)
-            if not self.channels_last:
-                x = x.contiguous()
-            yield x, self.labels[idx]
+            yield self.normalize(x), self.labels[idx]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC images as the network takes them: normalised float NCHW, in the loader's
+        memory format."""
+        x = x.float().sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)
+        return x if self.channels_last else x.contiguous()
 
     def augment_batch(self, idx: torch.Tensor,
                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
 matplotlib.rcParams["svg.hashsalt"] = "resnet-study"  # same results, byte-identical SVGs
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -255,7 +256,9 @@ def embedding_figure(xy: np.ndarray, colour: np.ndarray, colour_names: list[str]
                            cmap="tab20" if len(colour_names) > 10 else "tab10")
     if len(colour_names) <= 20:
         present = sorted(set(colour.tolist()))
-        handles = scatter.legend_elements(num=len(present))[0]
+        handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", markersize=4,
+                                           color=scatter.cmap(scatter.norm(v)))
+                   for v in present]
         left.legend(handles, [colour_names[i] for i in present], fontsize=6,
                     loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     left.set_title(f"t-SNE of the penultimate features ({len(labels)} test images)", fontsize=9)

@@ -10,8 +10,10 @@ hooks on the network's own modules, so it works for every architecture the proje
 
 from __future__ import annotations
 
+import base64
+import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +22,16 @@ import torch
 from torch import nn
 
 from . import figures
-from .config import UsageError
+from .config import BASE_EXPERIMENT, UsageError
 from .device import autocast
 from .figures import save
 from .files import atomic_open, write_csv, write_json
 from .models import BasicBlock
+from .results import Run
 from .train import LoadedRun, load_run
 
 DEFAULT_IMAGES = 2000  # test images for the statistics, the embedding and the CAM candidates
-GRID_IMAGES = 8  # images in every picture grid: the first test image of each of 8 classes
+GRID_IMAGES = 8  # images in every picture grid: the first sampled image of each of 8 classes
 GRID_CHANNELS = 8  # feature maps shown per stage: its most active channels on those images
 MIN_CAM_SIZE = 4  # Grad-CAM's layer: the deepest stage whose maps are at least 4x4
 STAT_COLUMNS = ["block", "stage", "channels", "height", "width", "mean", "variance",
@@ -117,15 +120,17 @@ def watch_blocks(model: nn.Module) -> tuple[dict[str, BlockStats], list]:
     return stats, handles
 
 
-def _batches(run: LoadedRun, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `n` test images of the run's test split, normalised as in training."""
-    seen = 0
-    for x, y in run.splits.test.epoch(0):
-        take = min(len(y), n - seen)
-        yield x[:take], y[:take]
-        seen += take
-        if seen >= n:
-            return
+def test_sample(num_images: int, n: int) -> np.ndarray:
+    """`n` of a test split's images, drawn with a fixed seed and kept in their order: the same
+    images for every run of a data set, and every class (test sets are often sorted by class)."""
+    return np.sort(np.random.default_rng(0).permutation(num_images)[:n])
+
+
+def _batches(run: LoadedRun, sample: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The sampled test images, normalised as in training, a test batch at a time."""
+    loader = run.splits.test
+    for idx in torch.as_tensor(sample, device=loader.device).split(loader.batch_size):
+        yield loader.normalize(loader.images[idx]), loader.labels[idx]
 
 
 @dataclass
@@ -141,7 +146,8 @@ class Pass:
 
 
 @torch.no_grad()
-def collect(run: LoadedRun, n: int, grid: np.ndarray) -> Pass:
+def collect(run: LoadedRun, sample: np.ndarray, grid: np.ndarray) -> Pass:
+    """One pass over the `sample`d test images; `grid` are positions in the sample."""
     model = run.model
     stats, handles = watch_blocks(model)
     features, predicted, labels, maps, sizes = [], [], [], {}, {}
@@ -162,7 +168,7 @@ def collect(run: LoadedRun, n: int, grid: np.ndarray) -> Pass:
     handles.append(model.fc.register_forward_pre_hook(
         lambda module, args: features.append(args[0].float().cpu().numpy())))
     try:
-        for x, y in _batches(run, n):
+        for x, y in _batches(run, sample):
             with autocast(run.device, run.amp):
                 logits = model(x)
             predicted.append(logits.argmax(1).cpu().numpy())
@@ -180,8 +186,8 @@ def collect(run: LoadedRun, n: int, grid: np.ndarray) -> Pass:
 
 
 def grid_images(labels: np.ndarray, k: int = GRID_IMAGES) -> np.ndarray:
-    """The first test image of each of the first `k` classes present: the same images for every
-    run of a data set (and test subset), so that runs compare."""
+    """Positions of the first image of each of the first `k` classes among the sample's
+    `labels`: the same images for every run of a data set, so that runs compare."""
     firsts = {}
     for i, label in enumerate(labels.tolist()):
         firsts.setdefault(label, i)
@@ -239,12 +245,14 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
     start = time.perf_counter()
     run = load_run(Path(run_dir), data, device, progress=progress)
     name, classes = run.experiment.name, run.splits.images.classes
-    n = min(images, run.splits.test.num_images)
-    pictures = run.splits.test.images.cpu().numpy()  # NHWC uint8
-    grid = grid_images(run.splits.test.labels[:n].cpu().numpy())
-    p = collect(run, n, grid)
+    test = run.splits.test
+    sample = test_sample(test.num_images, min(images, test.num_images))
+    n = len(sample)
+    pictures = test.images[torch.as_tensor(sample, device=test.device)].cpu().numpy()  # NHWC
+    grid = grid_images(test.labels.cpu().numpy()[sample])
+    p = collect(run, sample, grid)
     layer, why = cam_layer(p.sizes)
-    x = torch.cat([x for x, _ in _batches(run, n)])
+    x = torch.cat([x for x, _ in _batches(run, sample)])
     picks = {"correct": np.flatnonzero(p.predicted == p.labels)[:GRID_IMAGES],
              "wrong": np.flatnonzero(p.predicted != p.labels)[:GRID_IMAGES]}
     cams = {kind: grad_cam(run, layer, x[idx], torch.as_tensor(p.predicted[idx],
@@ -279,9 +287,111 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
         np.savetxt(f, np.column_stack([xy, p.labels, p.predicted]), delimiter=",",
                    header="x,y,label,predicted", comments="", fmt=["%.4f", "%.4f", "%d", "%d"])
     summary = {"run": str(run_dir), "experiment": name, "epoch": run.epoch,
-               "data": run.splits.images.name, "images": n, "grid_images": grid.tolist(),
+               "data": run.splits.images.name, "images": n,
+               "grid_images": sample[grid].tolist(),
                "cam_layer": layer, "cam_layer_reason": why,
                "accuracy_on_these_images": float((p.predicted == p.labels).mean()),
                "seconds": time.perf_counter() - start}
     write_json(out / "summary.json", summary)
     return summary
+
+
+# --- the study's report -----------------------------------------------------------------------
+
+@dataclass
+class Inside:
+    """The report's section on the inside of the models: what `report` renders."""
+
+    sentences: list[str]  # each experiment's statistics against the base model's
+    figures: list[tuple[str, str, str]]  # (name, caption, base64 PNG)
+    notes: list[str]  # runs left out, and why
+
+
+def _inspected(run: Run, log: Callable[[str], None]) -> list[dict] | str:
+    """The run's activation rows, inspecting it first where it has no inspection as recent as
+    its checkpoint; or why there are none."""
+    checkpoint = run.directory / "checkpoint.pt"
+    stats = run.directory / "inspect" / "activations.csv"
+    if not checkpoint.exists():
+        return "no checkpoint"
+    if not stats.exists() or stats.stat().st_mtime < checkpoint.stat().st_mtime:
+        log(f"report: inspecting {run.directory.parent.name}/{run.directory.name}")
+        try:
+            inspect_run(run.directory)
+        except UsageError as e:
+            return str(e)
+    with open(stats, newline="") as f:
+        return [{k: (v if k in ("block", "stage") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def study_section(results: dict[str, list[Run]], out: Path, best: str | None,
+                  log: Callable[[str], None]) -> Inside:
+    """Every completed run with a checkpoint, inspected (cached in its folder): activation
+    statistics per block, averaged over seeds, for each experiment against the base model
+    (report/activations.csv and figures), and the picture grids of the base and best models."""
+    inside = Inside([], [], [])
+    by_experiment: dict[str, list[dict]] = {}
+    for name, runs in results.items():
+        per_run = []
+        for run in runs:
+            rows = _inspected(run, log)
+            if isinstance(rows, str):
+                inside.notes.append(f"{run.directory.parent.name}/{run.directory.name} not "
+                                    f"inspected: {rows}")
+            else:
+                per_run.append(rows)
+        if per_run:
+            by_experiment[name] = [
+                {"experiment": name, "block": rows[0]["block"], "n": len(per_run),
+                 **{key: float(np.mean([r[key] for r in rows])) for key in MEASURES}}
+                for rows in zip(*per_run, strict=True)]
+    if not by_experiment:
+        return inside
+    write_csv(out / "activations.csv", [r for rows in by_experiment.values() for r in rows],
+              ["experiment", "block", "n", *MEASURES])
+    layouts: dict[tuple, dict[str, list[dict]]] = {}
+    for name, rows in by_experiment.items():
+        layouts.setdefault(tuple(r["block"] for r in rows), {})[name] = rows
+    for i, (layout, group) in enumerate(layouts.items()):
+        fig_id = "activations" if i == 0 else f"activations-{len(layout)}-blocks"
+        caption = (f"Activations per block, mean over seeds: output variance, ReLUs that never "
+                   f"fire, and the residual branch's norm against the shortcut's "
+                   f"({len(layout)}-block networks).")
+        inside.figures.append((fig_id, caption, save(figures.activations_figure(
+            group, f"Activations per block ({len(layout)} blocks)"), out, fig_id)))
+    base = by_experiment.get(BASE_EXPERIMENT)
+    for name, rows in by_experiment.items():
+        inside.sentences.append(_sentence(name, rows, base))
+    for label, name in (("base model", BASE_EXPERIMENT), ("best model", best)):
+        folder = results[name][0].directory / "inspect" if name in results else None
+        if folder is None or not folder.is_dir() or (label == "best model"
+                                                      and name == BASE_EXPERIMENT):
+            continue
+        for picture in ("feature_maps_layer1", "cam_correct", "cam_wrong", "embedding"):
+            path = folder / f"{picture}.png"
+            if path.exists():
+                inside.figures.append((f"{name}-{picture}", f"{label.capitalize()}, {name} "
+                                       f"(seed 0): {picture.replace('_', ' ')}.",
+                                       base64.b64encode(path.read_bytes()).decode()))
+    return inside
+
+
+MEASURES = ["mean", "variance", "dead_fraction", "residual_ratio"]
+
+
+def _sentence(name: str, rows: list[dict], base: list[dict] | None) -> str:
+    """An experiment's statistics in one line, against the base model's where it has them."""
+    variance = float(np.mean([r["variance"] for r in rows]))
+    dead = float(np.mean([r["dead_fraction"] for r in rows]))
+    ratio = float(np.mean([r["residual_ratio"] for r in rows]))
+    text = (f"{name} (n = {rows[0]['n']:.0f}): output variance {variance:.3g}, ReLUs that never "
+            f"fire {dead:.1%}, |residual| / |shortcut| {ratio:.2f} (means over its "
+            f"{len(rows)} blocks)")
+    if base is None or name == BASE_EXPERIMENT:
+        return text + "."
+    b_variance = float(np.mean([r["variance"] for r in base]))
+    b_dead = float(np.mean([r["dead_fraction"] for r in base]))
+    b_ratio = float(np.mean([r["residual_ratio"] for r in base]))
+    return (text + f"; the base model: {b_variance:.3g}, {b_dead:.1%}, {b_ratio:.2f} "
+            f"(variance x{variance / b_variance:.2g}).")

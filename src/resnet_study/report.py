@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -263,9 +264,14 @@ def _write_per_class(classes: dict, results: dict[str, list[Run]], images: Image
 
 # --- the report -------------------------------------------------------------------------------
 
-def report(root: Path) -> Report:
+def report(root: Path, inspect: bool = True, log=None) -> Report:
     """Write `root/report/`: all that the study's readable runs give, and the list of the others.
-    A damaged or failed run never stops it; a study with no completed run still gets its page."""
+    A damaged or failed run never stops it; a study with no completed run still gets its page.
+    With `inspect`, every completed run with a checkpoint is inspected (`inspection`), once:
+    its folder keeps the result, and the section "Inside the models" compares them."""
+    from .inspection import Inside, study_section
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     results, without_result = scan(root)
     out = root / "report"
     out.mkdir(exist_ok=True)
@@ -311,9 +317,10 @@ def report(root: Path) -> Report:
             figures.append((fig_id, caption, save(curves_figure(results, names, title), out,
                                                   fig_id)))
 
+    completed = [r for r in rows if r["n"]]
+    best = max(completed, key=lambda r: r["top1_mean"])["experiment"] if completed else None
     classes = {}
     if images is not None and results:
-        best = max((r for r in rows if r["n"]), key=lambda r: r["top1_mean"])["experiment"]
         classes = {name: per_class(results[name], images)
                    for name in dict.fromkeys([BASE_EXPERIMENT, best]) if name in results}
         classes = {k: v for k, v in classes.items() if v is not None}
@@ -329,14 +336,16 @@ def report(root: Path) -> Report:
                                               f"{name}: {group_word} confusion{mark}"),
                              out, "confusion")))
 
+    inside = (study_section(results, out, best, log) if inspect
+              else Inside([], [], ["Not inspected (report --no-inspect)."]))
     index = out / "index.html"
     index.write_text(_html(rows, comparisons, figures, classes, dataset, root, notes,
-                           group_word, without_result))
+                           group_word, without_result, inside))
     return Report(index, sum(len(runs) for runs in results.values()), without_result)
 
 
 def _html(rows, comparisons, figures, classes, dataset, root, notes, group_word,
-          without_result) -> str:
+          without_result, inside) -> str:
     e = html.escape
     profiles = {r["profile"] for r in rows}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>resnet-study report: "
@@ -380,6 +389,18 @@ def _html(rows, comparisons, figures, classes, dataset, root, notes, group_word,
     for _, caption, png in figures:
         parts.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{png}'>"
                      f"<figcaption>{e(caption)}</figcaption></figure>")
+    if inside.sentences or inside.notes:
+        parts.append("<h2>Inside the models</h2><p>Each run's checkpoint inspected "
+                     "(<code>resnet-study inspect</code>, files in its <code>inspect/</code> "
+                     "folder) on its test images: per residual block, the variance of its "
+                     "output, the share of ReLUs between its convs that never fire, and the "
+                     "norm of its residual branch against its shortcut's.</p><ul>")
+        parts += [f"<li>{e(s)}</li>" for s in inside.sentences]
+        parts.append("</ul>")
+        parts += [f"<p><i>{e(note)}</i></p>" for note in inside.notes]
+        for _, caption, png in inside.figures:
+            parts.append(f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{png}'>"
+                         f"<figcaption>{e(caption)}</figcaption></figure>")
     if classes:
         names = list(classes)
         groups = next(iter(classes.values()))["groups"]

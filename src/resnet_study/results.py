@@ -29,6 +29,7 @@ class Run:
     summary: dict
     metrics: dict[str, np.ndarray]  # column -> per-epoch values
     predictions: dict[str, np.ndarray] | None  # predicted and true class per test image
+    directory: Path
 
 
 
@@ -98,7 +99,8 @@ def _read_run(run_dir: Path) -> Run | dict:
     if len(metrics["epoch"]) != summary["epochs"]:
         raise Unreadable(f"metrics.csv holds {len(metrics['epoch'])} epochs, summary.json says "
                          f"{summary['epochs']}")
-    return Run(experiment, summary, metrics, _read_predictions(run_dir / "predictions.npz"))
+    return Run(experiment, summary, metrics, _read_predictions(run_dir / "predictions.npz"),
+               run_dir)
 
 
 def _read_json(path: Path) -> dict:
