@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from resnet_study.cli import main
 from resnet_study.config import EXPERIMENTS
-from resnet_study.inspection import BlockStats, cam_layer, watch_blocks
+from resnet_study.inspection import BlockStats, cam_layer, first_per_class, watch_blocks
 from resnet_study.models import BasicBlock, network
 from resnet_study.train import save_checkpoint
 
@@ -101,6 +102,14 @@ def test_shortcut_is_the_projection_where_the_shape_changes():
     assert s.shortcut.shape == s.residual.shape == (4, 128, 4, 4)
     for h in handles:
         h.remove()
+
+
+def test_picture_grids_take_the_first_image_of_each_class():
+    labels = np.array([3, 3, 1, 0, 1, 2, 0])
+    assert first_per_class(labels).tolist() == [3, 2, 5, 0]  # classes 0, 1, 2, 3
+    right = np.array([False, True, False, True, True, False, True])
+    assert first_per_class(labels, right, k=2).tolist() == [3, 4]  # classes 0 and 1
+    assert len(first_per_class(labels, np.zeros(7, bool))) == 0
 
 
 def test_cam_layer_is_the_deepest_with_four_pixels_a_side():

@@ -120,7 +120,7 @@ def watch_blocks(model: nn.Module) -> tuple[dict[str, BlockStats], list]:
     return stats, handles
 
 
-def test_sample(num_images: int, n: int) -> np.ndarray:
+def sample_test_images(num_images: int, n: int) -> np.ndarray:
     """`n` of a test split's images, drawn with a fixed seed and kept in their order: the same
     images for every run of a data set, and every class (test sets are often sorted by class)."""
     return np.sort(np.random.default_rng(0).permutation(num_images)[:n])
@@ -185,13 +185,15 @@ def collect(run: LoadedRun, sample: np.ndarray, grid: np.ndarray) -> Pass:
                 np.concatenate(labels), {k: torch.cat(v) for k, v in maps.items()}, sizes)
 
 
-def grid_images(labels: np.ndarray, k: int = GRID_IMAGES) -> np.ndarray:
-    """Positions of the first image of each of the first `k` classes among the sample's
-    `labels`: the same images for every run of a data set, so that runs compare."""
-    firsts = {}
-    for i, label in enumerate(labels.tolist()):
-        firsts.setdefault(label, i)
-    return np.array(sorted(firsts[c] for c in sorted(firsts)[:k]))
+def first_per_class(labels: np.ndarray, where: np.ndarray | None = None,
+                    k: int = GRID_IMAGES) -> np.ndarray:
+    """Positions of the first image (where `where` holds) of each of the first `k` classes
+    among the sample's `labels`: a picture grid that spans classes, and for the feature maps
+    the same images for every run of a data set, so that runs compare."""
+    firsts: dict[int, int] = {}
+    for i in np.flatnonzero(np.ones(len(labels), bool) if where is None else where):
+        firsts.setdefault(int(labels[i]), int(i))
+    return np.array([firsts[c] for c in sorted(firsts)[:k]], dtype=np.int64)
 
 
 def cam_layer(sizes: dict[str, int]) -> tuple[str, str]:
@@ -246,15 +248,15 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
     run = load_run(Path(run_dir), data, device, progress=progress)
     name, classes = run.experiment.name, run.splits.images.classes
     test = run.splits.test
-    sample = test_sample(test.num_images, min(images, test.num_images))
+    sample = sample_test_images(test.num_images, min(images, test.num_images))
     n = len(sample)
     pictures = test.images[torch.as_tensor(sample, device=test.device)].cpu().numpy()  # NHWC
-    grid = grid_images(test.labels.cpu().numpy()[sample])
+    grid = first_per_class(test.labels.cpu().numpy()[sample])
     p = collect(run, sample, grid)
     layer, why = cam_layer(p.sizes)
     x = torch.cat([x for x, _ in _batches(run, sample)])
-    picks = {"correct": np.flatnonzero(p.predicted == p.labels)[:GRID_IMAGES],
-             "wrong": np.flatnonzero(p.predicted != p.labels)[:GRID_IMAGES]}
+    picks = {"correct": first_per_class(p.labels, p.predicted == p.labels),
+             "wrong": first_per_class(p.labels, p.predicted != p.labels)}
     cams = {kind: grad_cam(run, layer, x[idx], torch.as_tensor(p.predicted[idx],
                                                                 device=x.device))
             if len(idx) else np.zeros((0, 32, 32)) for kind, idx in picks.items()}
