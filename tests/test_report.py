@@ -61,6 +61,7 @@ def test_report_writes_every_file(studies):
                                         "figure8", "figure9", "confusion", "activations")
                  for ext in ("png", "svg")}
     assert expected | {"activations.csv"} <= names
+    assert not {"literature.png", "literature-published.png"} & names  # no literature runs
 
 
 def test_every_run_with_a_checkpoint_is_inspected_and_compared(studies, tmp_path):

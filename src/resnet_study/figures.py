@@ -7,6 +7,7 @@ import base64
 import io
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -21,27 +22,39 @@ import torch  # noqa: E402
 from .data import PAD, DeviceLoader, ImageSet, normalization  # noqa: E402
 from .results import Run, combined_profile  # noqa: E402
 
+
+class Panel(NamedTuple):
+    """A figure of loss curves: its label, its title, its runs, and the runs any one of which
+    it needs to be drawn (by default, any of its own)."""
+
+    label: str
+    title: str
+    names: list[str]
+    needs: tuple[str, ...] = ()
+
+
+REFERENCES = ["resnet18-lr0.01", "new-wide-resnet18"]  # the literature panels' yardsticks
 FIGURES = {  # the paper's own groupings of loss curves, then the literature rows'
-    "figure5": ("Figure 5", "Initial learning rate",
-                ["resnet18-lr0.1", "resnet18-lr0.01", "resnet18-lr0.001"]),
-    "figure6": ("Figure 6", "SGD, Adam and Adam + gradient clipping",
-                ["resnet18-lr0.01", "resnet18-adam", "resnet18-adam-clip"]),
-    "figure7": ("Figure 7", "Without batch norm, with dropout",
-                ["resnet18-lr0.01", "resnet18-no-bn", "resnet18-dropout"]),
-    "figure8": ("Figure 8", "Wide blocks, 3x3 shortcuts, pre-activation",
-                ["resnet18-lr0.01", "resnet18-wide", "resnet18-3x3-shortcut",
-                 "resnet18-preact"]),
-    "figure9": ("Figure 9", "New Wide ResNet-18, pre-trained and base",
-                ["new-wide-resnet18", "resnet18-pretrained", "resnet18-lr0.01"]),
-    "literature": ("Literature rows, paper's protocol", "WRN-16-8 and ResNet-110 under the "
-                   "paper's recipe, against the base model and the New Wide ResNet-18",
-                   ["resnet18-lr0.01", "new-wide-resnet18", "wrn-16-8-paper-recipe",
-                    "resnet-110-paper-recipe"]),
-    "literature-published": ("Literature rows, published recipes", "WRN-16-8 and ResNet-110 "
-                             "with their published recipes, against the base model and the "
-                             "New Wide ResNet-18",
-                             ["resnet18-lr0.01", "new-wide-resnet18", "wrn-16-8",
-                              "resnet-110"]),
+    "figure5": Panel("Figure 5", "Initial learning rate",
+                     ["resnet18-lr0.1", "resnet18-lr0.01", "resnet18-lr0.001"]),
+    "figure6": Panel("Figure 6", "SGD, Adam and Adam + gradient clipping",
+                     ["resnet18-lr0.01", "resnet18-adam", "resnet18-adam-clip"]),
+    "figure7": Panel("Figure 7", "Without batch norm, with dropout",
+                     ["resnet18-lr0.01", "resnet18-no-bn", "resnet18-dropout"]),
+    "figure8": Panel("Figure 8", "Wide blocks, 3x3 shortcuts, pre-activation",
+                     ["resnet18-lr0.01", "resnet18-wide", "resnet18-3x3-shortcut",
+                      "resnet18-preact"]),
+    "figure9": Panel("Figure 9", "New Wide ResNet-18, pre-trained and base",
+                     ["new-wide-resnet18", "resnet18-pretrained", "resnet18-lr0.01"]),
+    "literature": Panel("Literature rows, paper's protocol", "WRN-16-8 and ResNet-110 under "
+                        "the paper's recipe, against the base model and the New Wide ResNet-18",
+                        [*REFERENCES, "wrn-16-8-paper-recipe", "resnet-110-paper-recipe"],
+                        ("wrn-16-8-paper-recipe", "resnet-110-paper-recipe")),
+    "literature-published": Panel("Literature rows, published recipes", "WRN-16-8 and "
+                                  "ResNet-110 with their published recipes, against the base "
+                                  "model and the New Wide ResNet-18",
+                                  [*REFERENCES, "wrn-16-8", "resnet-110"],
+                                  ("wrn-16-8", "resnet-110")),
 }
 
 
@@ -239,8 +252,8 @@ def activations_figure(rows_by_label: dict[str, list[dict]], title: str):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+    if handles:  # below the block names
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.1),
                    ncol=min(len(labels), 3), fontsize=8, frameon=False)
     fig.suptitle(title)
     return fig

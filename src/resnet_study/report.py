@@ -308,8 +308,8 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     if images is not None:
         figures.append(("figure3", "Figure 3: one augmented training mini-batch.",
                         save(figure3(images, first.data.padding_mode), out, "figure3")))
-    for fig_id, (label, title, names) in FIGURES.items():
-        if any(n in results for n in names):
+    for fig_id, (label, title, names, needs) in FIGURES.items():
+        if any(n in results for n in needs or names):
             caption = f"{label}: {title} (mean over seeds; band: min to max)."
             missing = [n for n in names if n not in results]
             if missing:
