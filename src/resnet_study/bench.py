@@ -34,8 +34,8 @@ from .device import (
     resolve_device,
 )
 from .models import build_model, training_flops
+from .splits import make_splits
 from .step import GraphStep, make_optimizer, make_scheduler, make_step
-from .train import make_splits
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets, by device
 # name; the first match counts. Elsewhere (CPUs, other cards, fp32) the peak is not stated.

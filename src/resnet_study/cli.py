@@ -305,7 +305,8 @@ def _report(result: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .train import evaluate, load_run
+    from .checkpoint import load_run
+    from .train import evaluate
 
     run = load_run(args.run_dir, args.data, args.device, progress=not args.json)
     test = evaluate(run.model, run.splits.test, run.amp)

@@ -25,8 +25,9 @@ from .data import ImageSet, load_images
 from .device import autocast, autocast_dtype, resolve_device
 from .files import write_json
 from .models import build_model, training_flops
+from .splits import check_sizes
 from .step import make_optimizer
-from .train import check_sizes, train
+from .train import train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).

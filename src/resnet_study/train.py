@@ -9,9 +9,7 @@ itself can replay as one CUDA graph (`step.GraphStep`, `--cuda-graphs`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import random
 import signal
 import subprocess
 import sys
@@ -29,7 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
-from .config import DataConfig, Experiment, Interrupted, TrainConfig, UsageError
+from .checkpoint import (
+    check_same_experiment,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import Experiment, Interrupted, TrainConfig, UsageError
 from .device import (
     Ranks,
     autocast,
@@ -41,72 +46,16 @@ from .device import (
     resolve_device,
     set_determinism,
 )
-from .files import atomic_open, load_tensors, write_csv, write_json
+from .files import atomic_open, write_csv, write_json
 from .models import build_model, count_params
+from .splits import Splits, make_splits
 from .step import GraphStep, Step, make_optimizer, make_scheduler, make_step
 
 LOG_EVERY = 20  # steps between host reads of the loss
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
            "eval_seconds", "images_per_second"]
 VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
-# Settings that change how fast a run goes but not what it computes: a resume may change them.
-RUNTIME_FIELDS = {"device", "compile", "cuda_graphs", "eval_batch_size"}
 EXIT_DIVERGED = 3
-
-
-# --- data -------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Splits:
-    images: datalib.ImageSet
-    train: datalib.DeviceLoader
-    test: datalib.DeviceLoader
-    val: datalib.DeviceLoader | None
-
-
-def check_sizes(cfg: DataConfig, train_cfg: TrainConfig, available: int, world: int = 1) -> int:
-    """The number of images a run trains on, out of the `available` training images; refuses
-    settings that leave too few (a study checks every run this way before starting any)."""
-    if cfg.val_split >= available:
-        raise UsageError(f"val_split {cfg.val_split} leaves no training images "
-                         f"(the training set has {available})")
-    n = available - cfg.val_split
-    n = min(n, cfg.subset) if cfg.subset is not None else n
-    if train_cfg.batch_size > n:
-        raise UsageError(f"batch_size {train_cfg.batch_size} is larger than the {n} training "
-                         "images")
-    if train_cfg.batch_size < world:
-        raise UsageError(f"batch_size {train_cfg.batch_size} (the global batch) is smaller "
-                         f"than the {world} processes")
-    return n
-
-
-def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
-                progress: bool = True, ranks: Ranks = Ranks()) -> Splits:
-    """Load the images, carve out validation and subset, and put every split on the device."""
-    images = datalib.load_images(cfg.data, progress=progress)
-    check_sizes(cfg, train_cfg, len(images.train_labels), ranks.world)
-    x, y = images.train_images, images.train_labels
-    val = None
-    if cfg.val_split:
-        val, (x, y) = datalib.split(x, y, cfg.val_split, seed=train_cfg.seed)
-    if cfg.subset is not None and cfg.subset < len(y):
-        (x, y), _ = datalib.split(x, y, cfg.subset, seed=train_cfg.seed)
-    test = images.test_images, images.test_labels
-    if cfg.test_subset is not None and cfg.test_subset < len(test[1]):
-        test, _ = datalib.split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
-    mean, std = datalib.normalization(x, cfg.normalize)
-    common = dict(batch_size=train_cfg.batch_size, device=device, mean=mean, std=std,
-                  channels_last=train_cfg.channels_last)
-    evaluation = dict(common, batch_size=train_cfg.eval_batch_size, augment=False)
-    return Splits(
-        images=images,
-        train=datalib.DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
-                                   seed=train_cfg.seed, rank=ranks.rank, world=ranks.world,
-                                   **common),
-        test=datalib.DeviceLoader(*test, **evaluation),
-        val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
-    )
 
 
 @torch.inference_mode()
@@ -134,108 +83,6 @@ def evaluate(model: nn.Module, loader: datalib.DeviceLoader,
     top1, top5 = (correct.double() / n).tolist()
     return {"loss": loss.item() / n, "top1": top1, "top5": top5,
             "predictions": torch.cat(predictions).cpu().numpy()}
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                      "pos": int(np_state[2])}}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32),
-                         state["numpy"]["pos"], 0, 0.0))
-
-
-def save_checkpoint(path: Path, **state: Any) -> None:
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {path}; run without --resume to start the run")
-    try:
-        ckpt = load_tensors(path)
-    except Exception as e:
-        raise UsageError(f"{path}: not a resnet-study checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "experiment", "epoch"} <= set(ckpt):
-        raise UsageError(f"{path}: not a resnet-study checkpoint")
-    return ckpt
-
-
-def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) -> None:
-    """Refuse to resume a run under settings that would change what it computes."""
-    now = exp.to_dict()
-    for section in ("model", "data", "train"):
-        for key, value in now[section].items():
-            old = saved.get(section, {}).get(key)
-            if key not in RUNTIME_FIELDS and old != value:
-                raise UsageError(
-                    f"{path} was written by experiment {saved.get('name')!r} with {key}={old!r}, "
-                    f"not {value!r}; resume with the same settings or choose another --out")
-
-
-def _mismatch(saved: dict, expected: dict) -> str:
-    """The first difference between a checkpoint's weights and those the config builds."""
-    for key, tensor in expected.items():
-        if key not in saved:
-            return f"the config's {key} is not in the checkpoint"
-        if getattr(saved[key], "shape", None) != tensor.shape:
-            shape = list(getattr(saved[key], "shape", []))
-            return f"{key} is {shape} in the checkpoint, {list(tensor.shape)} for the config"
-    extra = next((key for key in saved if key not in expected), None)
-    return f"the checkpoint's {extra} is not in the config's network" if extra else ""
-
-
-@dataclasses.dataclass
-class LoadedRun:
-    experiment: Experiment
-    epoch: int  # epochs behind the checkpoint
-    splits: Splits
-    model: nn.Module  # the checkpoint's weights, on `device`, in eval mode
-    device: torch.device
-    amp: torch.dtype | None
-
-
-def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
-             progress: bool = True) -> LoadedRun:
-    """A run's trained model with its experiment and data, to evaluate or inspect it (on other
-    data or another device if given). A folder that is not a run, a missing checkpoint, or a
-    checkpoint that does not fit its config (another architecture) is a UsageError."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        exp = Experiment.from_dict(json.loads(config.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
-    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", data),
-                                                             ("device", device)) if v})
-    ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    target = resolve_device(exp.train.device)
-    splits = make_splits(exp.data, exp.train, target, progress=progress)
-    model = build_model(exp.model, len(splits.images.classes))
-    mismatch = _mismatch(ckpt["model"], model.state_dict())
-    if mismatch:  # another width, block, shortcut or number of classes
-        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
-                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
-                         "copied from different runs?")
-    model.load_state_dict(ckpt["model"])
-    memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
-    model = model.to(target, memory_format=memory_format).eval()
-    return LoadedRun(exp, ckpt["epoch"], splits, model, target,
-                     autocast_dtype(exp.train.precision, target))
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Checkpoints: written atomically every epoch (and on a stop request), read back to resume a
+run exactly, or to evaluate and inspect a trained one (`load_run`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Experiment, UsageError
+from .device import autocast_dtype, resolve_device
+from .files import atomic_open, load_tensors
+from .models import build_model
+from .splits import Splits, make_splits
+
+# Settings that change how fast a run goes but not what it computes: a resume may change them.
+RUNTIME_FIELDS = {"device", "compile", "cuda_graphs", "eval_batch_size"}
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "pos": int(np_state[2])}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32),
+                         state["numpy"]["pos"], 0, 0.0))
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    with atomic_open(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; run without --resume to start the run")
+    try:
+        ckpt = load_tensors(path)
+    except Exception as e:
+        raise UsageError(f"{path}: not a resnet-study checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "experiment", "epoch"} <= set(ckpt):
+        raise UsageError(f"{path}: not a resnet-study checkpoint")
+    return ckpt
+
+
+def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) -> None:
+    """Refuse to resume a run under settings that would change what it computes."""
+    now = exp.to_dict()
+    for section in ("model", "data", "train"):
+        for key, value in now[section].items():
+            old = saved.get(section, {}).get(key)
+            if key not in RUNTIME_FIELDS and old != value:
+                raise UsageError(
+                    f"{path} was written by experiment {saved.get('name')!r} with {key}={old!r}, "
+                    f"not {value!r}; resume with the same settings or choose another --out")
+
+
+def _mismatch(saved: dict, expected: dict) -> str:
+    """The first difference between a checkpoint's weights and those the config builds."""
+    for key, tensor in expected.items():
+        if key not in saved:
+            return f"the config's {key} is not in the checkpoint"
+        if getattr(saved[key], "shape", None) != tensor.shape:
+            shape = list(getattr(saved[key], "shape", []))
+            return f"{key} is {shape} in the checkpoint, {list(tensor.shape)} for the config"
+    extra = next((key for key in saved if key not in expected), None)
+    return f"the checkpoint's {extra} is not in the config's network" if extra else ""
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    experiment: Experiment
+    epoch: int  # epochs behind the checkpoint
+    splits: Splits
+    model: nn.Module  # the checkpoint's weights, on `device`, in eval mode
+    device: torch.device
+    amp: torch.dtype | None
+
+
+def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
+             progress: bool = True) -> LoadedRun:
+    """A run's trained model with its experiment and data, to evaluate or inspect it (on other
+    data or another device if given). A folder that is not a run, a missing checkpoint, or a
+    checkpoint that does not fit its config (another architecture) is a UsageError."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        exp = Experiment.from_dict(json.loads(config.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
+    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", data),
+                                                             ("device", device)) if v})
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    target = resolve_device(exp.train.device)
+    splits = make_splits(exp.data, exp.train, target, progress=progress)
+    model = build_model(exp.model, len(splits.images.classes))
+    mismatch = _mismatch(ckpt["model"], model.state_dict())
+    if mismatch:  # another width, block, shortcut or number of classes
+        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
+                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
+                         "copied from different runs?")
+    model.load_state_dict(ckpt["model"])
+    memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+    model = model.to(target, memory_format=memory_format).eval()
+    return LoadedRun(exp, ckpt["epoch"], splits, model, target,
+                     autocast_dtype(exp.train.precision, target))
