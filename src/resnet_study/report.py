@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -265,7 +264,7 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     its folder keeps the result, and the section "Inside the models" compares them."""
     from .inspection import Inside, study_section
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or (lambda msg: print(msg, flush=True))  # progress: stdout (stderr: faults)
     results, without_result = scan(root)
     out = root / "report"
     out.mkdir(exist_ok=True)
