@@ -83,7 +83,7 @@ def test_every_run_with_a_checkpoint_is_inspected_and_compared(studies, tmp_path
     page = html.unescape((studies[False] / "report" / "index.html").read_text())
     assert "<h2>Inside the models</h2>" in page
     assert "resnet18-no-bn (n = 2): output variance " in page and "; the base model: " in page
-    assert "Base model, resnet18-lr0.01 (seed 0): cam correct." in page
+    assert "Base model, resnet18-lr0.01 (seed-0): cam correct." in page
     stamp = (studies[False] / "resnet18-lr0.01" / "seed-0" / "inspect" / "summary.json")
     before = stamp.stat().st_mtime
     lines = []
@@ -175,6 +175,22 @@ def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
                  "figure5.png"):
         assert (study / "report" / name).read_bytes() == (
             studies[False] / "report" / name).read_bytes()
+
+
+def test_a_run_that_cannot_be_inspected_is_named_and_the_report_goes_on(studies, tmp_path,
+                                                                        monkeypatch):
+    study = tmp_path / "study"
+    shutil.copytree(studies[False], study)
+    shutil.rmtree(study / "resnet18-adam" / "seed-1" / "inspect")
+
+    def out_of_memory(run_dir):
+        raise RuntimeError("CUDA out of memory\nmore lines")
+
+    monkeypatch.setattr("resnet_study.inspection.inspect_run", out_of_memory)
+    report(study, log=lambda msg: None)
+    page = html.unescape((study / "report" / "index.html").read_text())
+    assert "resnet18-adam/seed-1 not inspected: RuntimeError: CUDA out of memory" in page
+    assert "resnet18-adam (n = 1): output variance" in page
 
 
 def test_literature_rows_are_filled_by_their_runs(studies, tmp_path):

@@ -34,8 +34,8 @@ DEFAULT_IMAGES = 2000  # test images for the statistics, the embedding and the C
 GRID_IMAGES = 8  # images in every picture grid: the first sampled image of each of 8 classes
 GRID_CHANNELS = 8  # feature maps shown per stage: its most active channels on those images
 MIN_CAM_SIZE = 4  # Grad-CAM's layer: the deepest stage whose maps are at least 4x4
-STAT_COLUMNS = ["block", "stage", "channels", "height", "width", "mean", "variance",
-                "dead_fraction", "residual_ratio"]
+MEASURES = ["mean", "variance", "dead_fraction", "residual_ratio"]
+STAT_COLUMNS = ["block", "stage", "channels", "height", "width", *MEASURES]
 
 
 def stages(model: nn.Module) -> list[str]:
@@ -320,8 +320,8 @@ def _inspected(run: Run, log: Callable[[str], None]) -> list[dict] | str:
         log(f"report: inspecting {run.directory.parent.name}/{run.directory.name}")
         try:
             inspect_run(run.directory)
-        except UsageError as e:
-            return str(e)
+        except Exception as e:  # data gone, out of memory: the report goes on without it
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     with open(stats, newline="") as f:
         return [{k: (v if k in ("block", "stage") else float(v)) for k, v in row.items()}
                 for row in csv.DictReader(f)]
@@ -374,26 +374,25 @@ def study_section(results: dict[str, list[Run]], out: Path, best: str | None,
             path = folder / f"{picture}.png"
             if path.exists():
                 inside.figures.append((f"{name}-{picture}", f"{label.capitalize()}, {name} "
-                                       f"(seed 0): {picture.replace('_', ' ')}.",
+                                       f"({folder.parent.name}): {picture.replace('_', ' ')}.",
                                        base64.b64encode(path.read_bytes()).decode()))
     return inside
 
 
-MEASURES = ["mean", "variance", "dead_fraction", "residual_ratio"]
+def _means(rows: list[dict]) -> tuple[float, float, float]:
+    """Output variance, dead fraction and residual ratio, each averaged over the blocks."""
+    return tuple(float(np.mean([r[key] for r in rows]))
+                 for key in ("variance", "dead_fraction", "residual_ratio"))
 
 
 def _sentence(name: str, rows: list[dict], base: list[dict] | None) -> str:
     """An experiment's statistics in one line, against the base model's where it has them."""
-    variance = float(np.mean([r["variance"] for r in rows]))
-    dead = float(np.mean([r["dead_fraction"] for r in rows]))
-    ratio = float(np.mean([r["residual_ratio"] for r in rows]))
+    variance, dead, ratio = _means(rows)
     text = (f"{name} (n = {rows[0]['n']:.0f}): output variance {variance:.3g}, ReLUs that never "
             f"fire {dead:.1%}, |residual| / |shortcut| {ratio:.2f} (means over its "
             f"{len(rows)} blocks)")
     if base is None or name == BASE_EXPERIMENT:
         return text + "."
-    b_variance = float(np.mean([r["variance"] for r in base]))
-    b_dead = float(np.mean([r["dead_fraction"] for r in base]))
-    b_ratio = float(np.mean([r["residual_ratio"] for r in base]))
+    b_variance, b_dead, b_ratio = _means(base)
     return (text + f"; the base model: {b_variance:.3g}, {b_dead:.1%}, {b_ratio:.2f} "
             f"(variance x{variance / b_variance:.2g}).")
