@@ -71,6 +71,15 @@ class ImageSet:
     train_coarse: np.ndarray | None = None
     test_coarse: np.ndarray | None = None
 
+    def groups(self) -> tuple[np.ndarray, list[str]]:
+        """Each class's group and the group names: CIFAR-100's superclasses where the data
+        has them, else every class its own group."""
+        if self.superclasses is None:
+            return np.arange(len(self.classes)), self.classes
+        fine_to_coarse = np.zeros(len(self.classes), dtype=np.int64)
+        fine_to_coarse[self.train_labels] = self.train_coarse
+        return fine_to_coarse, self.superclasses
+
 
 def data_cache_dir() -> Path:
     return Path(os.environ.get("RESNET_STUDY_DATA") or "~/.cache/resnet-study").expanduser()

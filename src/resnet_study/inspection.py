@@ -226,16 +226,6 @@ def grad_cam(run: LoadedRun, layer: str, x: torch.Tensor, target: torch.Tensor) 
 
 # --- the command ------------------------------------------------------------------------------
 
-def _colours(run: LoadedRun, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Superclass of each label where the data set has them (CIFAR-100), else the class."""
-    images = run.splits.images
-    if images.superclasses is None or images.test_coarse is None:
-        return labels, images.classes
-    fine_to_coarse = np.zeros(len(images.classes), dtype=np.int64)
-    fine_to_coarse[images.test_labels] = images.test_coarse
-    return fine_to_coarse[labels], images.superclasses
-
-
 def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = None,
                 device: str | None = None, progress: bool = False) -> dict:
     """Write `run_dir/inspect/` (everything is read and checked before anything is written);
@@ -250,31 +240,35 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
     test = run.splits.test
     sample = sample_test_images(test.num_images, min(images, test.num_images))
     n = len(sample)
-    pictures = test.images[torch.as_tensor(sample, device=test.device)].cpu().numpy()  # NHWC
+
+    def at(positions: np.ndarray) -> torch.Tensor:
+        """The uint8 NHWC images at these positions of the sample."""
+        return test.images[torch.as_tensor(sample[positions], device=test.device)]
+
     grid = first_per_class(test.labels.cpu().numpy()[sample])
     p = collect(run, sample, grid)
     layer, why = cam_layer(p.sizes)
-    x = torch.cat([x for x, _ in _batches(run, sample)])
     picks = {"correct": first_per_class(p.labels, p.predicted == p.labels),
              "wrong": first_per_class(p.labels, p.predicted != p.labels)}
-    cams = {kind: grad_cam(run, layer, x[idx], torch.as_tensor(p.predicted[idx],
-                                                                device=x.device))
+    cams = {kind: grad_cam(run, layer, test.normalize(at(idx)),
+                           torch.as_tensor(p.predicted[idx], device=test.device))
             if len(idx) else np.zeros((0, 32, 32)) for kind, idx in picks.items()}
     xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3),
               random_state=0).fit_transform(p.features)
     rows = [s.row(block) for block, s in p.stats.items()]
-    colour, colour_names = _colours(run, p.labels)
+    fine_to_group, group_names = run.splits.images.groups()
 
     out = Path(run_dir) / "inspect"
     out.mkdir(exist_ok=True)
     for stage, maps in p.maps.items():  # pictures: PNG alone
-        save(figures.feature_map_figure(pictures[grid], maps.numpy(), GRID_CHANNELS,
+        save(figures.feature_map_figure(at(grid).cpu().numpy(), maps.numpy(), GRID_CHANNELS,
                                         f"{name}: {stage} feature maps"),
              out, f"feature_maps_{stage}", svg=False)
     save(figures.filter_figure(run.model.conv1.weight.detach().float().cpu().numpy(), name),
          out, "stem_filters", svg=False)
     for kind, idx in picks.items():
-        save(figures.cam_figure(pictures[idx], cams[kind], [classes[i] for i in p.labels[idx]],
+        save(figures.cam_figure(at(idx).cpu().numpy(), cams[kind],
+                                [classes[i] for i in p.labels[idx]],
                                 [classes[i] for i in p.predicted[idx]],
                                 f"{name}: Grad-CAM on {layer}, {kind} predictions (red: most "
                                 "weight for the predicted class)"),
@@ -282,7 +276,8 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
     write_csv(out / "activations.csv", rows, STAT_COLUMNS)
     save(figures.activations_figure({name: rows}, f"{name}: activations per block ({n} test "
                                                   "images)"), out, "activations")
-    save(figures.embedding_figure(xy, colour, colour_names, p.labels, p.predicted, classes,
+    save(figures.embedding_figure(xy, fine_to_group[p.labels], group_names, p.labels,
+                                  p.predicted, classes,
                                   f"{name}: penultimate features and per-class accuracy"),
          out, "embedding")
     with atomic_open(out / "embedding.csv") as f:

@@ -214,12 +214,7 @@ def per_class(runs: list[Run], images: ImageSet) -> dict[str, np.ndarray] | None
              and max(r.predictions["labels"].max(), r.predictions["predicted"].max()) < n_cls]
     if not preds:
         return None
-    if images.superclasses is not None:
-        fine_to_group = np.zeros(n_cls, dtype=np.int64)
-        fine_to_group[images.train_labels] = images.train_coarse
-        groups = images.superclasses
-    else:
-        fine_to_group, groups = np.arange(n_cls), images.classes
+    fine_to_group, groups = images.groups()
     n_grp = len(groups)
     class_acc = np.zeros(n_cls)
     group_acc = np.zeros(n_grp)

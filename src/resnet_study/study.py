@@ -22,11 +22,11 @@ import torch
 
 from .config import Experiment, UsageError, get_experiment
 from .data import ImageSet, load_images
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast_dtype, resolve_device
 from .files import write_json
 from .models import build_model, training_flops
 from .splits import check_sizes
-from .step import make_optimizer
+from .step import make_optimizer, make_scheduler, train_step
 from .train import train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
@@ -223,12 +223,12 @@ def auto_runs_per_device(device_name: str, todo: list[Run],
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(exp.train.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, len(data.classes), (exp.train.batch_size,), device=device)
-    with autocast(device, autocast_dtype(exp.train.precision, device)):
-        logits = model(x.to(memory_format=torch.channels_last))
-    torch.nn.functional.cross_entropy(logits.float(), y).backward()
-    make_optimizer(model, exp.train).step()
+    optimizer = make_optimizer(model, exp.train)
+    train_step(model, optimizer, make_scheduler(optimizer, exp.train, steps_per_epoch=1),
+               torch.amp.GradScaler("cuda", enabled=False), x.to(memory_format=torch.channels_last),
+               y, exp.train, device, autocast_dtype(exp.train.precision, device))
     step_bytes = torch.cuda.max_memory_allocated(device) - before
-    del model, x, y, logits
+    del model, optimizer, x, y
     torch.cuda.empty_cache()
     run_bytes = step_bytes + data.train_images.nbytes + data.test_images.nbytes + 2**30
     free, _ = torch.cuda.mem_get_info(device)
