@@ -23,9 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_study import data
+from resnet_study import data, sources
 from resnet_study.config import UsageError
-from resnet_study.data import DataError, DeviceLoader, ImageSet, load_images
+from resnet_study.data import load_images
+from resnet_study.loader import DeviceLoader, normalization
+from resnet_study.loader import split as split_images
+from resnet_study.sources import DataError, ImageSet
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
@@ -164,7 +167,7 @@ def test_numpy1_pickles_are_read(tmp_path: Path) -> None:
 
 
 def read_array(source: bytes | Path | str) -> np.ndarray:
-    return data.read_pickle(source, "old")["data"]
+    return sources.read_pickle(source, "old")["data"]
 
 
 # --- the unpickler refuses everything but arrays ----------------------------------------------
@@ -432,7 +435,7 @@ def test_second_load_reads_the_cache(tmp_path: Path, cache: Path,
         raise AssertionError("decoded again")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "_read_tree", no_decoding)
+        m.setattr(data, "read_tree", no_decoding)
         second = load(tmp_path / "src", cache)
     assert same(second, first)
 
@@ -483,28 +486,28 @@ def test_synthetic_is_deterministic(cache: Path) -> None:
 def test_split() -> None:
     images = np.arange(100, dtype=np.uint8).reshape(100, 1)
     labels = np.arange(100)
-    (held_x, held_y), (rest_x, rest_y) = data.split(images, labels, 30, seed=4)
+    (held_x, held_y), (rest_x, rest_y) = split_images(images, labels, 30, seed=4)
     assert len(held_y) == 30 and len(rest_y) == 70
     assert set(held_y) | set(rest_y) == set(range(100)) and not set(held_y) & set(rest_y)
     assert np.array_equal(held_x[:, 0], held_y) and np.array_equal(rest_x[:, 0], rest_y)
     assert (np.diff(held_y) > 0).all() and (np.diff(rest_y) > 0).all()
-    assert np.array_equal(data.split(images, labels, 30, seed=4)[0][1], held_y)
-    assert not np.array_equal(data.split(images, labels, 30, seed=5)[0][1], held_y)
+    assert np.array_equal(split_images(images, labels, 30, seed=4)[0][1], held_y)
+    assert not np.array_equal(split_images(images, labels, 30, seed=5)[0][1], held_y)
     with pytest.raises(DataError, match="cannot take 101 images from a set of 100"):
-        data.split(images, labels, 101, seed=0)
+        split_images(images, labels, 101, seed=0)
 
 
 def test_normalization() -> None:
     images = np.random.default_rng(3).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
     channel_std = images.std(axis=(0, 2, 3)).reshape(3, 1, 1)
 
-    mean, std = data.normalization(images, "pixel")
+    mean, std = normalization(images, "pixel")
     assert mean.shape == (3, 32, 32) and std.shape == (3, 1, 1)
     assert mean.dtype == std.dtype == torch.float32
     assert np.allclose(mean.numpy(), images.mean(axis=0), rtol=0, atol=1e-4)
     assert np.allclose(std.numpy(), channel_std, rtol=1e-6)
 
-    mean, std = data.normalization(images, "channel")
+    mean, std = normalization(images, "channel")
     assert mean.shape == (3, 1, 1)
     assert np.allclose(mean.numpy(), images.mean(axis=(0, 2, 3)).reshape(3, 1, 1), rtol=1e-6)
     assert np.allclose(std.numpy(), channel_std, rtol=1e-6)
@@ -515,7 +518,7 @@ def test_normalization() -> None:
 def make_loader(n: int = 10, batch_size: int = 4, **kwargs: object) -> DeviceLoader:
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    mean, std = data.normalization(images, "pixel")
+    mean, std = normalization(images, "pixel")
     kwargs = {"augment": True, **kwargs}
     return DeviceLoader(images, rng.integers(0, 7, n), batch_size=batch_size, device="cpu",
                         mean=mean, std=std, **kwargs)
@@ -584,7 +587,7 @@ def test_test_loader_is_plain_and_in_order() -> None:
     rng = np.random.default_rng(6)
     images = rng.integers(0, 256, (9, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 3, 9)
-    mean, std = data.normalization(images, "channel")
+    mean, std = normalization(images, "channel")
     loader = DeviceLoader(images, labels, batch_size=4, device="cpu", mean=mean, std=std,
                           augment=False)
     got = batches(loader, 7)

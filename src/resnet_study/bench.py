@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import Experiment
-from .data import normalization
 from .device import (
     autocast_dtype,
     peak_memory_mib,
@@ -33,6 +32,7 @@ from .device import (
     reset_peak_memory,
     resolve_device,
 )
+from .loader import normalization
 from .models import build_model, training_flops
 from .splits import make_splits
 from .step import GraphStep, make_optimizer, make_scheduler, make_step

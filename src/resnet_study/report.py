@@ -20,7 +20,7 @@ from scipy import stats
 
 from . import page
 from .config import BASE_EXPERIMENT, EXPERIMENTS, UsageError
-from .data import ImageSet, load_images
+from .data import load_images
 from .figures import (
     FIGURES,
     confusion_figure,
@@ -32,6 +32,7 @@ from .figures import (
 )
 from .page import CUSTOM_NOTE, QUICK_NOTE
 from .results import Run, combined_profile, paper_order, scan
+from .sources import ImageSet
 
 PAPER = tomllib.loads(resources.files(__package__).joinpath("paper.toml").read_text())
 # The literature row each literature experiment re-measures, and under which recipe.

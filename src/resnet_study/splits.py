@@ -7,17 +7,19 @@ import dataclasses
 
 import torch
 
-from . import data as datalib
 from .config import DataConfig, TrainConfig, UsageError
+from .data import load_images
 from .device import Ranks
+from .loader import DeviceLoader, normalization, split
+from .sources import ImageSet
 
 
 @dataclasses.dataclass
 class Splits:
-    images: datalib.ImageSet
-    train: datalib.DeviceLoader
-    test: datalib.DeviceLoader
-    val: datalib.DeviceLoader | None
+    images: ImageSet
+    train: DeviceLoader
+    test: DeviceLoader
+    val: DeviceLoader | None
 
 
 def check_sizes(cfg: DataConfig, train_cfg: TrainConfig, available: int, world: int = 1) -> int:
@@ -40,26 +42,26 @@ def check_sizes(cfg: DataConfig, train_cfg: TrainConfig, available: int, world: 
 def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
                 progress: bool = True, ranks: Ranks = Ranks()) -> Splits:
     """Load the images, carve out validation and subset, and put every split on the device."""
-    images = datalib.load_images(cfg.data, progress=progress)
+    images = load_images(cfg.data, progress=progress)
     check_sizes(cfg, train_cfg, len(images.train_labels), ranks.world)
     x, y = images.train_images, images.train_labels
     val = None
     if cfg.val_split:
-        val, (x, y) = datalib.split(x, y, cfg.val_split, seed=train_cfg.seed)
+        val, (x, y) = split(x, y, cfg.val_split, seed=train_cfg.seed)
     if cfg.subset is not None and cfg.subset < len(y):
-        (x, y), _ = datalib.split(x, y, cfg.subset, seed=train_cfg.seed)
+        (x, y), _ = split(x, y, cfg.subset, seed=train_cfg.seed)
     test = images.test_images, images.test_labels
     if cfg.test_subset is not None and cfg.test_subset < len(test[1]):
-        test, _ = datalib.split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
-    mean, std = datalib.normalization(x, cfg.normalize)
+        test, _ = split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
+    mean, std = normalization(x, cfg.normalize)
     common = dict(batch_size=train_cfg.batch_size, device=device, mean=mean, std=std,
                   channels_last=train_cfg.channels_last)
     evaluation = dict(common, batch_size=train_cfg.eval_batch_size, augment=False)
     return Splits(
         images=images,
-        train=datalib.DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
+        train=DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
                                    seed=train_cfg.seed, rank=ranks.rank, world=ranks.world,
                                    **common),
-        test=datalib.DeviceLoader(*test, **evaluation),
-        val=None if val is None else datalib.DeviceLoader(*val, **evaluation),
+        test=DeviceLoader(*test, **evaluation),
+        val=None if val is None else DeviceLoader(*val, **evaluation),
     )

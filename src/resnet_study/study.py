@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from .config import Experiment, UsageError, get_experiment
-from .data import ImageSet, load_images
+from .data import load_images
 from .device import autocast_dtype, resolve_device
 from .files import write_json
 from .models import build_model, training_flops
+from .sources import ImageSet
 from .splits import check_sizes
 from .step import make_optimizer, make_scheduler, train_step
 from .train import train

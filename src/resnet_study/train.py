@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data as datalib
 from .checkpoint import (
     check_same_experiment,
     load_checkpoint,
@@ -47,6 +46,7 @@ from .device import (
     set_determinism,
 )
 from .files import atomic_open, write_csv, write_json
+from .loader import DeviceLoader
 from .models import build_model, count_params
 from .splits import Splits, make_splits
 from .step import GraphStep, Step, make_optimizer, make_scheduler, make_step
@@ -59,7 +59,7 @@ EXIT_DIVERGED = 3
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: datalib.DeviceLoader,
+def evaluate(model: nn.Module, loader: DeviceLoader,
              amp: torch.dtype | None) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy over a whole split (sums kept on the device),
     and the top-1 prediction for every image, in the split's order."""
