@@ -130,6 +130,22 @@ def test_resume_refuses_another_experiment(tmp_path):
         train(fast("resnet18-adam", epochs=1), tmp_path, resume=True, quiet=True)
 
 
+def test_resuming_a_finished_run_keeps_it_as_it_was(tmp_path, capsys):
+    first = train(fast(epochs=1), tmp_path, quiet=True)
+    files = {name: (tmp_path / name).read_bytes()
+             for name in ("summary.json", "metrics.csv", "checkpoint.pt")}
+    again = train(fast(epochs=1), tmp_path, resume=True, quiet=True)
+    assert again == first
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    assert "already trained to epoch 1 of 1; nothing to resume" in capsys.readouterr().err
+
+    # Killed after its last checkpoint but before its summary: resuming writes the summary.
+    (tmp_path / "summary.json").unlink()
+    written = train(fast(epochs=1), tmp_path, resume=True, quiet=True)
+    assert written["status"] == "completed" and written["test_top1"] == first["test_top1"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == written
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         train(fast(), tmp_path, resume=True, quiet=True)

@@ -9,6 +9,7 @@ itself can replay as one CUDA graph (`step.GraphStep`, `--cuda-graphs`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import subprocess
@@ -151,6 +152,12 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_experiment(ckpt["experiment"], exp, ckpt_path)
+        finished = _finished_summary(out) if ckpt["epoch"] >= cfg.epochs else None
+        if finished is not None:  # nothing left to train: its summary stays as it was written
+            if ranks.main:
+                print(f"{exp.name}: {out} is already trained to epoch {cfg.epochs} of "
+                      f"{cfg.epochs}; nothing to resume", file=sys.stderr, flush=True)
+            return finished
 
     quiet = quiet or not ranks.main
     splits = make_splits(exp.data, cfg, device, progress=not quiet, ranks=ranks)
@@ -272,6 +279,16 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
         if ranks.world > 1:
             dist.destroy_process_group()
     return summary("completed")
+
+
+def _finished_summary(out: Path) -> dict | None:
+    """The summary of a run that completed, or None (a run killed after its last checkpoint but
+    before its summary: resuming it writes the summary)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
 
 
 @dataclasses.dataclass
