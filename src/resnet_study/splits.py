@@ -60,8 +60,7 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
     return Splits(
         images=images,
         train=DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
-                                   seed=train_cfg.seed, rank=ranks.rank, world=ranks.world,
-                                   **common),
+                           seed=train_cfg.seed, rank=ranks.rank, world=ranks.world, **common),
         test=DeviceLoader(*test, **evaluation),
         val=None if val is None else DeviceLoader(*val, **evaluation),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -144,21 +145,20 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     if not resume and ckpt_path.exists():
         raise UsageError(f"{out} already holds a run; pass --resume to continue it "
                          "or choose another --out")
-    ranks, device = init_ranks(resolve_device(cfg.device))
-    amp = autocast_dtype(cfg.precision, device)
-    set_determinism(cfg)
-    reset_peak_memory(device)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_experiment(ckpt["experiment"], exp, ckpt_path)
         finished = _finished_summary(out) if ckpt["epoch"] >= cfg.epochs else None
-        if finished is not None:  # nothing left to train: its summary stays as it was written
-            if ranks.main:
+        if finished is not None:  # nothing left to train; every rank returns before joining
+            if os.environ.get("RANK", "0") == "0":
                 print(f"{exp.name}: {out} is already trained to epoch {cfg.epochs} of "
                       f"{cfg.epochs}; nothing to resume", file=sys.stderr, flush=True)
-            return finished
-
+            return finished  # as it was written
+    ranks, device = init_ranks(resolve_device(cfg.device))
+    amp = autocast_dtype(cfg.precision, device)
+    set_determinism(cfg)
+    reset_peak_memory(device)
     quiet = quiet or not ranks.main
     splits = make_splits(exp.data, cfg, device, progress=not quiet, ranks=ranks)
     num_classes = len(splits.images.classes)
