@@ -185,6 +185,14 @@ def projection(study: Path, out: Path, epochs: int = 25, seeds: int = 3) -> None
           f"{total / 60:.1f} min ({len(measured)} rows measured)")
 
 
+def seconds(path: Path) -> float | None:
+    """The seconds between the start and end times gpu_check.sh wrote to `path`."""
+    if not path.exists():
+        return None
+    start, end = map(float, path.read_text().split())
+    return end - start
+
+
 def table(out: Path) -> None:
     rows = []
     path = out / "cuda_path.json"
@@ -221,16 +229,23 @@ def table(out: Path) -> None:
                          f"({EXPERIMENTS[name].train.epochs} epochs) "
                          f"{hours[EXPERIMENTS[name].train.epochs]:.2f} h of training "
                          "(projected)"))
+    decode = seconds(out / "decode-times.txt")
+    if decode is not None:
+        rows.append(("decode the data (once)", f"{decode:.1f} s, into the data cache"))
     base = out / "base-summary.json"
     if base.exists():
         s = json.loads(base.read_text())
+        with open(out / "base-metrics.csv") as f:
+            evaluation = sum(float(row["eval_seconds"]) for row in csv.DictReader(f))
         graph = (f"graph captured in {s['capture_seconds']:.2f} s" if s.get("cuda_graph")
                  else "graph not captured")
+        wall = seconds(out / "base-times.txt")
         rows.append((f"base run, {s['epochs']} epochs",
-                     f"{s['status']}, top-1 {s['test_top1']:.4f} on {s['dataset']}, "
-                     f"{s['train_seconds']:.1f} s training+evaluation "
-                     f"({graph}), "
-                     f"{s['images_per_second']:,.0f} img/s, peak {s['peak_memory_mib']:,.0f} MiB"))
+                     f"{s['status']}, top-1 {s['test_top1']:.4f} on {s['dataset']}; wall "
+                     f"{wall:.1f} s (the command, data cached), of which "
+                     f"{s['train_seconds']:.1f} s training+evaluation ({evaluation:.2f} s "
+                     f"evaluation; {graph}); {s['images_per_second']:,.0f} img/s, peak "
+                     f"{s['peak_memory_mib']:,.0f} MiB"))
     study = out / "study.log"
     if study.exists():
         last = [line for line in study.read_text().splitlines() if line.startswith("study:")]

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,13 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     for name, epochs in (("resnet-110", 164), ("wrn-16-8", 200)):
         line = next(line for line in summary.splitlines() if f"bench {name} " in line)
         assert "img/s at batch 8" in line and f"published recipe ({epochs} epochs)" in line
-    assert any(line.split()[:5] == ["base", "run,", "1", "epochs", "completed,"]
-               for line in summary.splitlines())
-    assert "(graph not captured)" in summary  # no CUDA here
+    base = next(line for line in summary.splitlines() if line.split()[:3] == ["base", "run,", "1"])
+    assert "completed, top-1" in base and "graph not captured" in base  # no CUDA here
+    wall, train, evaluation = map(float, re.search(
+        r"wall (\S+) s \(the command, data cached\), of which (\S+) s training\+evaluation "
+        r"\((\S+) s evaluation", base).groups())
+    assert 0 < evaluation < train < wall
+    assert re.search(r"decode the data \(once\)\s+\d+\.\d s", summary)
     assert "2/2 done" in summary  # one epoch of each of the two rows
     projected = next(line for line in summary.splitlines() if "PROJECTED 12 x 3 study" in line)
     assert "1 runs at once, from 2 measured rows" in projected
