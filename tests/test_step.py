@@ -149,6 +149,27 @@ def test_a_failed_capture_says_so_once_and_training_goes_on(monkeypatch):
     assert_same_training(eager_run(cfg, data), (model, optimizer, scheduler))
 
 
+def test_a_failed_compile_says_so_once_and_training_goes_on():
+    """What a machine without a C++ compiler or Triton meets: the backend fails on the first
+    step; that step and the rest run eager, as if --compile had not been given."""
+    cfg = TrainConfig(epochs=2, lr=0.01, compile=True)
+    data = batches(2 * STEPS_PER_EPOCH)
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nsee the docs")
+
+    model, optimizer, scheduler = setup(cfg)
+    lines = []
+    step = steplib.make_step(model, torch.compile(model, backend=no_compiler), optimizer,
+                             scheduler, torch.amp.GradScaler("cpu", enabled=False), cfg,
+                             torch.device("cpu"), None, STEPS_PER_EPOCH, 1, lines.append)
+    for x, y in data:
+        step(x, y)
+    assert lines == ["torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ "
+                     "compiler found see the docs); training eager"]
+    assert_same_training(eager_run(cfg, data), (model, optimizer, scheduler), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("change, obstacle", [
     ({}, None),
     ({"device": torch.device("cpu")}, "they need a CUDA device"),

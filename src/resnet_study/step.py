@@ -257,8 +257,7 @@ class GraphStep:
                 static_loss = self._step(static_x, static_y)
         except Exception as e:  # an op that cannot be captured: the run goes on uncaptured
             self.capture = False
-            self.log(f"CUDA graph capture failed ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); training eager")
+            self.log(f"CUDA graph capture failed ({one_line(e)}); training eager")
             return
         finally:
             torch.cuda.synchronize(self.device)
@@ -267,11 +266,21 @@ class GraphStep:
         self.log(f"training step captured as a CUDA graph in {self.capture_seconds:.2f} s")
 
 
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
 def make_step(model: nn.Module, step_model: nn.Module, optimizer, scheduler, scaler,
               cfg: TrainConfig, device: torch.device, amp, steps_per_epoch: int, world: int,
               log: Callable[[str], None]) -> Step:
     """The run's step: a `GraphStep` where `cfg.cuda_graphs` asks for one and the run allows it
-    (else one line says why not), PyTorch's eager step otherwise."""
+    (else one line says why not), PyTorch's eager step otherwise, on `step_model`, which
+    `--compile` made a `torch.compile` module.
+
+    A compile that fails (no C++ compiler, no Triton, an op it cannot lower) fails inside a step,
+    before the optimiser has moved: one line says so, and that step and the rest run on the
+    uncompiled module. (Where the backward pass is what fails, batch norm's running statistics
+    have seen that one batch twice.)"""
     if cfg.cuda_graphs:
         obstacle = graph_obstacle(cfg, device, amp, world)
         if obstacle is None:
@@ -279,8 +288,24 @@ def make_step(model: nn.Module, step_model: nn.Module, optimizer, scheduler, sca
                              capture=True, log=log)
         log(f"CUDA graphs off: {obstacle}; training eager")
 
+    def on(module: nn.Module) -> Step:
+        return lambda x, y, grad_scale=1.0: train_step(module, optimizer, scheduler, scaler, x,
+                                                       y, cfg, device, amp, grad_scale)
+
+    if not cfg.compile:
+        return on(step_model)
+    compiled, eager = on(step_model), on(step_model._orig_mod)  # DDP's wrapper, if any
+    failed = False
+
     def step(x: torch.Tensor, y: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
-        return train_step(step_model, optimizer, scheduler, scaler, x, y, cfg, device, amp,
-                          grad_scale)
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(x, y, grad_scale)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                failed = True
+                cause = getattr(e, "inner_exception", None) or e  # the backend's own error
+                log(f"torch.compile failed ({one_line(cause)}); training eager")
+        return eager(x, y, grad_scale)
 
     return step
