@@ -54,8 +54,9 @@ class Conv2d(nn.Conv2d):
                 or self.dilation != (1, 1)):
             return super().forward(x)
         n, cin = x.shape[:2]
-        selection, ho, wo = _tap_selection(h, w, self.kernel_size, self.stride, self.padding,
-                                           x.device)
+        # torch.compile traces the uncached function (it warns of caches) into a constant.
+        taps = _tap_selection.__wrapped__ if torch.compiler.is_compiling() else _tap_selection
+        selection, ho, wo = taps(h, w, self.kernel_size, self.stride, self.padding, x.device)
         # A product with a 0/1 selection, not a gather: a gather's backward scatters with
         # atomic adds, which made CPU runs differ in the last bits from one process to another.
         selection = selection.to(self.weight.dtype)  # a no-op but for float64 models
