@@ -233,17 +233,19 @@ def table(out: Path) -> None:
     if decode is not None:
         rows.append(("decode the data (once)", f"{decode:.1f} s, into the data cache"))
     base = out / "base-summary.json"
-    if base.exists():
-        s = json.loads(base.read_text())
+    s = json.loads(base.read_text()) if base.exists() else None
+    if s is not None and s["status"] != "completed":
+        rows.append(("base run", f"{s['status']} after {s['epochs']} epochs: "
+                                 f"{s.get('error', 'see base.log')}"))
+    elif s is not None:
         with open(out / "base-metrics.csv") as f:
             evaluation = sum(float(row["eval_seconds"]) for row in csv.DictReader(f))
         graph = (f"graph captured in {s['capture_seconds']:.2f} s" if s.get("cuda_graph")
                  else "graph not captured")
-        wall = seconds(out / "base-times.txt")
         rows.append((f"base run, {s['epochs']} epochs",
                      f"{s['status']}, top-1 {s['test_top1']:.4f} on {s['dataset']}; wall "
-                     f"{wall:.1f} s (the command, data cached), of which "
-                     f"{s['train_seconds']:.1f} s training+evaluation ({evaluation:.2f} s "
+                     f"{seconds(out / 'base-times.txt'):.1f} s (the command, data cached), of "
+                     f"which {s['train_seconds']:.1f} s training+evaluation ({evaluation:.2f} s "
                      f"evaluation; {graph}); {s['images_per_second']:,.0f} img/s, peak "
                      f"{s['peak_memory_mib']:,.0f} MiB"))
     study = out / "study.log"
