@@ -82,6 +82,16 @@ def _mismatch(saved: dict, expected: dict) -> str:
     return f"the checkpoint's {extra} is not in the config's network" if extra else ""
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json as written, or None where it is missing, unreadable or not an
+    object (a run killed after its last checkpoint but before its summary has none)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 @dataclasses.dataclass
 class LoadedRun:
     experiment: Experiment

@@ -8,7 +8,6 @@ same command, or several shards of it on several machines, picks up exactly what
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import read_summary
 from .config import Experiment, UsageError, get_experiment
 from .data import load_images
 from .device import autocast_dtype, resolve_device
@@ -78,12 +78,8 @@ def plan(names: list[str], seeds: int, root: Path, overrides: dict, quick: bool,
 
 def status(run: Run) -> str:
     """completed / diverged / failed from the run's summary; partial or new otherwise."""
-    summary = run.out / "summary.json"
-    if summary.is_file():
-        try:
-            state = json.loads(summary.read_text()).get("status", "failed")
-        except (OSError, ValueError):
-            state = "failed"
+    if (run.out / "summary.json").is_file():
+        state = (read_summary(run.out) or {}).get("status", "failed")  # unreadable: failed
         if state in FINAL or not (run.out / "checkpoint.pt").exists():
             return state
     return "partial" if (run.out / "checkpoint.pt").exists() else "new"

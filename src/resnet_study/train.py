@@ -9,7 +9,6 @@ itself can replay as one CUDA graph (`step.GraphStep`, `--cuda-graphs`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from .checkpoint import (
     check_same_experiment,
     load_checkpoint,
+    read_summary,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -149,8 +149,9 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_same_experiment(ckpt["experiment"], exp, ckpt_path)
-        finished = _finished_summary(out) if ckpt["epoch"] >= cfg.epochs else None
-        if finished is not None:  # nothing left to train; every rank returns before joining
+        # Nothing left to train: every rank returns here, before joining torchrun's group.
+        finished = read_summary(out) if ckpt["epoch"] >= cfg.epochs else None
+        if finished and finished.get("status") == "completed":
             if os.environ.get("RANK", "0") == "0":
                 print(f"{exp.name}: {out} is already trained to epoch {cfg.epochs} of "
                       f"{cfg.epochs}; nothing to resume", file=sys.stderr, flush=True)
@@ -279,16 +280,6 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
         if ranks.world > 1:
             dist.destroy_process_group()
     return summary("completed")
-
-
-def _finished_summary(out: Path) -> dict | None:
-    """The summary of a run that completed, or None (a run killed after its last checkpoint but
-    before its summary: resuming it writes the summary)."""
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
 
 
 @dataclasses.dataclass
