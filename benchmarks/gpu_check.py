@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from resnet_study import step as steplib
-from resnet_study import train as trainlib
-from resnet_study.config import EXPERIMENTS, GROUPS
+from resnet_study.config import EXPERIMENTS, GROUPS, PAPER
 from resnet_study.models import ResNet18, count_params
-from resnet_study.report import PAPER
+from resnet_study.training import step as steplib
+from resnet_study.training import train as trainlib
 
 TRAIN_IMAGES = 50_000  # CIFAR's training set, and the stand-in's
 

@@ -72,7 +72,7 @@ done
 echo "== decode $DATA into the data cache"
 now() { date +%s.%N; }
 start=$(now)
-"$PYTHON" -c "import sys; from resnet_study.data import load_images; load_images(sys.argv[1])" \
+"$PYTHON" -c "import sys; from resnet_study.data.store import load_images; load_images(sys.argv[1])" \
     "$DATA" || failed=1
 echo "$start $(now)" > "$OUT/decode-times.txt"  # start and end, in seconds
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_study.device import autocast_dtype
+from resnet_study.training.device import autocast_dtype
 
 STANDIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -25,10 +25,10 @@ from PIL import Image
 
 from resnet_study import data, sources
 from resnet_study.config import UsageError
-from resnet_study.data import load_images
-from resnet_study.loader import DeviceLoader, normalization
-from resnet_study.loader import split as split_images
-from resnet_study.sources import DataError, ImageSet
+from resnet_study.data.loader import DeviceLoader, normalization
+from resnet_study.data.loader import split as split_images
+from resnet_study.data.sources import DataError, ImageSet
+from resnet_study.data.store import load_images
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]

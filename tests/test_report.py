@@ -12,9 +12,10 @@ from scipy import stats
 from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
 from resnet_study.cli import main
-from resnet_study.figures import curves_figure
-from resnet_study.report import CUSTOM_NOTE, PAPER, QUICK_NOTE, report
-from resnet_study.results import scan
+from resnet_study.config import PAPER
+from resnet_study.report.figures import curves_figure
+from resnet_study.report.runs import scan
+from resnet_study.report.writer import CUSTOM_NOTE, QUICK_NOTE, report
 from resnet_study.study import plan, run_study
 
 from .test_data import batch, write_cifar100
@@ -186,7 +187,7 @@ def test_a_run_that_cannot_be_inspected_is_named_and_the_report_goes_on(studies,
     def out_of_memory(run_dir):
         raise RuntimeError("CUDA out of memory\nmore lines")
 
-    monkeypatch.setattr("resnet_study.inspection.inspect_run", out_of_memory)
+    monkeypatch.setattr("resnet_study.inspection.probes.inspect_run", out_of_memory)
     report(study, log=lambda msg: None)
     page = html.unescape((study / "report" / "index.html").read_text())
     assert "resnet18-adam/seed-1 not inspected: RuntimeError: CUDA out of memory" in page

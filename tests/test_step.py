@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from resnet_study import EXPERIMENTS
-from resnet_study import step as steplib
 from resnet_study.config import ModelConfig, TrainConfig
 from resnet_study.models import ResNet18
+from resnet_study.training import step as steplib
 
 STEPS_PER_EPOCH = 3
 # The literature's kind of schedule in small: 2 warm-up steps, then the LR x0.2 after epoch 1.

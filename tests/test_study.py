@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from resnet_study import Experiment, UsageError
-from resnet_study import train as trainlib
 from resnet_study.cli import main
 from resnet_study.config import GROUPS, get_experiment
-from resnet_study.data import load_images
+from resnet_study.data.store import load_images
 from resnet_study.models import training_flops
 from resnet_study.study import (
     MAX_RUNS_PER_GPU,
@@ -19,6 +18,7 @@ from resnet_study.study import (
     runs_that_fit,
     status,
 )
+from resnet_study.training import train as trainlib
 
 from .test_train import read_metrics, without_timings
 

@@ -6,9 +6,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resnet_study import UsageError
-from resnet_study import train as trainlib
 from resnet_study.config import get_experiment
-from resnet_study.train import train
+from resnet_study.training import train as trainlib
+from resnet_study.training.train import train
 
 # Small but real: the paper's network on 256 synthetic images, four steps per epoch.
 FAST = dict(data="synthetic", subset=256, batch_size=64, eval_batch_size=500, epochs=2)

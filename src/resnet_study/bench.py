@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import Experiment
-from .device import (
+from .data.loader import normalization
+from .data.splits import make_splits
+from .models import build_model, training_flops
+from .training.device import (
     autocast_dtype,
     peak_memory_mib,
     precision_name,
     reset_peak_memory,
     resolve_device,
 )
-from .loader import normalization
-from .models import build_model, training_flops
-from .splits import make_splits
-from .step import GraphStep, make_optimizer, make_scheduler, make_step
+from .training.step import GraphStep, make_optimizer, make_scheduler, make_step
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets, by device
 # name; the first match counts. Elsewhere (CPUs, other cards, fp32) the peak is not stated.

@@ -204,7 +204,7 @@ def _describe_model(exp: Experiment) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
-    from .train import EXIT_DIVERGED, train
+    from .training.train import EXIT_DIVERGED, train
 
     out = args.out or Path("runs") / exp.name / f"seed-{exp.train.seed}"
     summary = train(exp, out, resume=args.resume, quiet=args.quiet)
@@ -255,7 +255,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     recopy them), 1 when no run has completed; the page is written in every case."""
     from collections import Counter
 
-    from .report import report
+    from .report.writer import report
 
     r = report(args.study_dir, inspect=args.inspect)
     print(f"report written to {r.index.parent} (open {r.index})")
@@ -305,8 +305,8 @@ def _report(result: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_run
-    from .train import evaluate
+    from .training.checkpoint import load_run
+    from .training.train import evaluate
 
     run = load_run(args.run_dir, args.data, args.device, progress=not args.json)
     test = evaluate(run.model, run.splits.test, run.amp)
@@ -319,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_run
+    from .inspection.probes import inspect_run
 
     s = inspect_run(args.run_dir, args.images, args.data, args.device, progress=not args.json)
     _report(s, args.json, f"{args.run_dir}/inspect: {s['images']} test images of {s['data']}, "

@@ -258,6 +258,9 @@ def _load_experiments() -> dict[str, Experiment]:
 
 
 EXPERIMENTS: dict[str, Experiment] = _load_experiments()
+# The paper's own numbers (Table 1 and the literature rows it quotes), beside its presets.
+PAPER: dict[str, Any] = tomllib.loads(resources.files(__package__).joinpath("paper.toml")
+                                      .read_text())
 BASE_EXPERIMENT = "resnet18-lr0.01"
 
 

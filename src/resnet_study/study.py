@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_summary
 from .config import Experiment, UsageError, get_experiment
-from .data import load_images
-from .device import autocast_dtype, resolve_device
+from .data.sources import ImageSet
+from .data.splits import check_sizes
+from .data.store import load_images
 from .files import write_json
 from .models import build_model, training_flops
-from .sources import ImageSet
-from .splits import check_sizes
-from .step import make_optimizer, make_scheduler, train_step
-from .train import train
+from .training.checkpoint import read_summary
+from .training.device import autocast_dtype, resolve_device
+from .training.step import make_optimizer, make_scheduler, train_step
+from .training.train import train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Experiment, UsageError
+from ..config import Experiment, UsageError
+from ..data.splits import Splits, make_splits
+from ..files import atomic_open, load_tensors
+from ..models import build_model
 from .device import autocast_dtype, resolve_device
-from .files import atomic_open, load_tensors
-from .models import build_model
-from .splits import Splits, make_splits
 
 # Settings that change how fast a run goes but not what it computes: a resume may change them.
 RUNTIME_FIELDS = {"device", "compile", "cuda_graphs", "eval_batch_size"}

@@ -20,7 +20,7 @@ from urllib.request import urlopen
 import numpy as np
 from tqdm import tqdm
 
-from .files import atomic_open
+from ..files import atomic_open
 from .sources import DataError, ImageSet, archive_tree, folder_tree, read_tree, synthetic
 
 ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "cifar10": "cifar-10-python.tar.gz"}

@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from .config import DataConfig, TrainConfig, UsageError
-from .data import load_images
-from .device import Ranks
+from ..config import DataConfig, TrainConfig, UsageError
+from ..training.device import Ranks
 from .loader import DeviceLoader, normalization, split
 from .sources import ImageSet
+from .store import load_images
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .config import UsageError
+from ..config import UsageError
 
 SIZE = 32  # CIFAR images are 32x32; so must every image be
 EXPECTED_LAYOUTS = ("expected cifar-100-python/{train,test,meta}, "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig, UsageError
+from ..config import TrainConfig, UsageError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import figures
-from .checkpoint import LoadedRun, load_run
-from .config import BASE_EXPERIMENT, UsageError
-from .device import autocast
-from .figures import save
-from .files import atomic_open, write_csv, write_json
-from .models import BasicBlock
-from .results import Run
+from ..config import BASE_EXPERIMENT, UsageError
+from ..files import atomic_open, write_csv, write_json
+from ..models import BasicBlock
+from ..report import figures
+from ..report.figures import save
+from ..report.runs import Run
+from ..training.checkpoint import LoadedRun, load_run
+from ..training.device import autocast
 
 DEFAULT_IMAGES = 2000  # test images for the statistics, the embedding and the CAM candidates
 GRID_IMAGES = 8  # images in every picture grid: the first sampled image of each of 8 classes

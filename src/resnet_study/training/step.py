@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .device import autocast
 
 GRAPH_WARMUP = 3  # uncaptured steps on a side stream before the capture, as CUDA graphs need

@@ -19,9 +19,9 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .loader import PAD, DeviceLoader, normalization  # noqa: E402
-from .results import Run, combined_profile  # noqa: E402
-from .sources import ImageSet  # noqa: E402
+from ..data.loader import PAD, DeviceLoader, normalization  # noqa: E402
+from ..data.sources import ImageSet  # noqa: E402
+from .runs import Run, combined_profile  # noqa: E402
 
 
 class Panel(NamedTuple):

@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..config import Experiment, Interrupted, TrainConfig, UsageError
+from ..data.loader import DeviceLoader
+from ..data.splits import Splits, make_splits
+from ..files import atomic_open, write_csv, write_json
+from ..models import build_model, count_params
 from .checkpoint import (
     check_same_experiment,
     load_checkpoint,
@@ -35,7 +40,6 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import Experiment, Interrupted, TrainConfig, UsageError
 from .device import (
     Ranks,
     autocast,
@@ -47,10 +51,6 @@ from .device import (
     resolve_device,
     set_determinism,
 )
-from .files import atomic_open, write_csv, write_json
-from .loader import DeviceLoader
-from .models import build_model, count_params
-from .splits import Splits, make_splits
 from .step import GraphStep, Step, make_optimizer, make_scheduler, make_step
 
 LOG_EVERY = 20  # steps between host reads of the loss

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import csv
 import math
-import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
+from ..config import BASE_EXPERIMENT, EXPERIMENTS, PAPER, UsageError
+from ..data.sources import ImageSet
+from ..data.store import load_images
 from . import page
-from .config import BASE_EXPERIMENT, EXPERIMENTS, UsageError
-from .data import load_images
 from .figures import (
     FIGURES,
     confusion_figure,
@@ -31,10 +30,8 @@ from .figures import (
     save,
 )
 from .page import CUSTOM_NOTE, QUICK_NOTE
-from .results import Run, combined_profile, paper_order, scan
-from .sources import ImageSet
+from .runs import Run, combined_profile, paper_order, scan
 
-PAPER = tomllib.loads(resources.files(__package__).joinpath("paper.toml").read_text())
 # The literature row each literature experiment re-measures, and under which recipe.
 LITERATURE = {lit[recipe]: (lit, label) for lit in PAPER["literature"]
               for recipe, label in (("published", "published recipe"),
@@ -258,7 +255,7 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     A damaged or failed run never stops it; a study with no completed run still gets its page.
     With `inspect`, every completed run with a checkpoint is inspected (`inspection`), once:
     its folder keeps the result, and the section "Inside the models" compares them."""
-    from .inspection import Inside, study_section
+    from ..inspection.probes import Inside, study_section
 
     log = log or (lambda msg: print(msg, flush=True))  # progress: stdout (stderr: faults)
     results, without_result = scan(root)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EXPERIMENTS, Experiment, UsageError
+from ..config import EXPERIMENTS, Experiment, UsageError
 
 CURVES = ("train_loss", "test_loss", "test_top1")  # the metrics.csv columns the figures draw
 

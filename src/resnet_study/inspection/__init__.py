@@ -1,0 +1,1 @@
+"""Inside one trained model: hooks, statistics, Grad-CAM and figures (`probes`)."""
