@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -112,20 +113,12 @@ def check_resume(device: torch.device, workdir: Path) -> str:
         data="synthetic", subset=256, test_subset=128, epochs=2, batch_size=64,
         device=str(device), deterministic=True)
     full = trainlib.train(exp, workdir / "uninterrupted", quiet=True)
-    real_epoch = trainlib._train_epoch
 
-    def first_epoch_only(*args):
-        if args[4] == 1:  # the epoch index
-            raise Interrupt
-        return real_epoch(*args)
+    def first_epoch_only(exp, row):  # a crash right after epoch 1's checkpoint
+        raise Interrupt
 
-    trainlib._train_epoch = first_epoch_only
-    try:
-        trainlib.train(exp, workdir / "resumed", quiet=True)
-    except Interrupt:
-        pass
-    finally:
-        trainlib._train_epoch = real_epoch
+    with contextlib.suppress(Interrupt):
+        trainlib.train(exp, workdir / "resumed", quiet=True, observers=[first_epoch_only])
     resumed = trainlib.train(exp, workdir / "resumed", resume=True, quiet=True)
 
     def metrics(run: str) -> list[dict]:

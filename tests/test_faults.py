@@ -121,7 +121,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_previous_checkpoint(failure, t
             raise failure
         real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr("resnet_study.training.train.torch.save", save)
+    monkeypatch.setattr("resnet_study.training.checkpoint.torch.save", save)
     code = main(["train", "resnet18-lr0.01", "--out", str(out), *TINY[:-1], "--quiet"])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err

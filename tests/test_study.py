@@ -18,7 +18,7 @@ from resnet_study.study import (
     runs_that_fit,
     status,
 )
-from resnet_study.training import train as trainlib
+from resnet_study.training.train import train
 
 from .test_train import read_metrics, without_timings
 
@@ -74,20 +74,14 @@ def test_study_completes_then_skips_finished_runs(tmp_path):
     assert stamps == {r.label: (r.out / "summary.json").stat().st_mtime_ns for r in runs}
 
 
-def test_interrupted_run_is_resumed_not_counted(tmp_path, monkeypatch):
+def test_interrupted_run_is_resumed_not_counted(tmp_path):
     run = plan(["resnet18-lr0.01"], 1, tmp_path, {**TINY, "epochs": 2}, quick=False)[0]
-    real = trainlib._train_epoch
+    def killed_after_first_epoch(exp, row):
+        raise KeyboardInterrupt
 
-    def killed_in_second_epoch(*args, **kwargs):
-        if args[4] == 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainlib, "_train_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_study([run], log=lambda msg: None)
+        train(run.experiment, run.out, quiet=True, observers=[killed_after_first_epoch])
     assert status(run) == "partial"
-    monkeypatch.setattr(trainlib, "_train_epoch", real)
     lines = []
     assert run_study([run], log=lines.append)["completed"] == [run.label]
     assert "1 to go" in lines[0]

@@ -7,6 +7,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resnet_study import UsageError
 from resnet_study.config import get_experiment
+from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
 from resnet_study.training.train import train
 
@@ -88,23 +89,18 @@ def test_learns_real_images(tmp_path, standin):
 
 @pytest.mark.slow
 @pytest.mark.precision
-def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, auto_precision):
+def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
     """Exact in either precision: a resumed run redoes what the uninterrupted one did."""
     exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2)
     full = train(exp, tmp_path / "full", quiet=True)
 
-    real_epoch = trainlib._train_epoch
-
-    def crash_in_third_epoch(*args, **kwargs):
-        if args[4] == 2:  # the epoch index
+    def crash_after_second_epoch(exp, row):  # its checkpoint written, the third not begun
+        if row["epoch"] == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(trainlib, "_train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(exp, tmp_path / "cut", quiet=True)
+        train(exp, tmp_path / "cut", quiet=True, observers=[crash_after_second_epoch])
     assert len(read_metrics(tmp_path / "cut")) == 2
-    monkeypatch.setattr(trainlib, "_train_epoch", real_epoch)
     resumed = train(exp, tmp_path / "cut", resume=True, quiet=True)
 
     assert without_timings(read_metrics(tmp_path / "cut")) == without_timings(
@@ -160,14 +156,14 @@ def test_non_finite_loss_is_recorded_as_diverged(tmp_path):
 def test_validation_split_adds_columns_and_shrinks_training_set(tmp_path, monkeypatch):
     exp = fast(epochs=1, val_split=1000)
     seen = []
-    real = trainlib.make_splits
+    real = assembly.make_splits
 
     def spy(*args, **kwargs):
         splits = real(*args, **kwargs)
         seen.append((splits.train.num_images, splits.val.num_images))
         return splits
 
-    monkeypatch.setattr(trainlib, "make_splits", spy)
+    monkeypatch.setattr(assembly, "make_splits", spy)
     train(exp, tmp_path, quiet=True)
     assert seen == [(256, 1000)]
     row = read_metrics(tmp_path)[0]

@@ -12,7 +12,6 @@ the median over windows, and every window starts only after warm-up steps of its
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
@@ -26,16 +25,11 @@ from PIL import Image
 
 from .config import Experiment
 from .data.loader import normalization
-from .data.splits import make_splits
-from .models import build_model, training_flops
+from .models import training_flops
+from .training.assembly import assemble
 from .training.device import (
-    autocast_dtype,
     peak_memory_mib,
-    precision_name,
-    reset_peak_memory,
-    resolve_device,
 )
-from .training.step import GraphStep, make_optimizer, make_scheduler, make_step
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets, by device
 # name; the first match counts. Elsewhere (CPUs, other cards, fp32) the peak is not stated.
@@ -106,27 +100,15 @@ def _forever(epochs: Callable[[int], Iterator]) -> Iterator:
 
 def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int = 3,
           reference: bool = True) -> dict:
-    cfg = exp.train
-    device = resolve_device(cfg.device)
-    amp = autocast_dtype(cfg.precision, device)
-    reset_peak_memory(device)
-    splits = make_splits(exp.data, cfg, device, progress=False)
-    num_classes = len(splits.images.classes)
-    model = build_model(exp.model, num_classes)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last
-                     else torch.contiguous_format)
     # The run's schedule as one epoch of exactly the steps the benchmark takes.
     steps = windows * 2 * (warmup + batches)
-    cfg = dataclasses.replace(cfg, epochs=1)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=steps)
-    step_model = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    train_step = make_step(model, step_model, optimizer, scheduler, scaler, cfg, device, amp,
-                           steps, world=1, log=lambda msg: print(msg, file=sys.stderr))
+    parts = assemble(exp.replace(epochs=1), steps_per_epoch=steps,
+                     log=lambda msg: print(msg, file=sys.stderr))
+    cfg, device, splits = parts.experiment.train, parts.device, parts.splits
+    num_classes = len(splits.images.classes)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> int:
-        train_step(x, y, 1.0)
+        parts.step(x, y, 1.0)
         return len(y)
 
     ready_x, ready_y = next(splits.train.epoch(0))
@@ -149,14 +131,14 @@ def bench(exp: Experiment, *, batches: int = 10, windows: int = 5, warmup: int =
     # Model FLOPs (the convolutions' nominal work, forward and backward) per image, whatever
     # kernels the device ran: achieved TFLOP/s against the device's peak is the roofline view.
     gflop = training_flops(exp.model, num_classes) / 1e9
-    peak = peak_tflops(device, precision_name(amp))
+    peak = peak_tflops(device, parts.precision)
     tflops = {name: result[name] * gflop / 1e3 for name in ("compute", "project")}
     result.update(gflop_per_image=gflop, compute_tflops=tflops["compute"],
                   project_tflops=tflops["project"], peak_tflops=peak,
                   project_fraction_of_peak=tflops["project"] / peak if peak else None)
-    graph = train_step if isinstance(train_step, GraphStep) else None
+    graph = parts.graph
     result.update(experiment=exp.name, device=str(device), batch_size=cfg.batch_size,
-                  precision=precision_name(amp),
+                  precision=parts.precision,
                   cuda_graph=graph is not None and graph.graph is not None,
                   capture_seconds=graph.capture_seconds if graph else 0.0,
                   batches_per_window=batches, windows=windows,

@@ -306,7 +306,7 @@ def _report(result: dict, as_json: bool, text: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.checkpoint import load_run
-    from .training.train import evaluate
+    from .training.epoch import evaluate
 
     run = load_run(args.run_dir, args.data, args.device, progress=not args.json)
     test = evaluate(run.model, run.splits.test, run.amp)

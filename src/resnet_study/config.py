@@ -27,6 +27,13 @@ class Interrupted(BaseException):
     the handlers that record a run's failure (`except Exception`) let it through."""
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters: its type and its message with
+    every run of white space (newlines too) made one space. Every log line and record of a
+    failure cuts its error this way."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit].rstrip()
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
@@ -160,6 +167,10 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The label a run was trained under ({"profile", "overrides"}), read back from its
+    # config.json: a preset edited later never relabels the run. None: computed from the
+    # presets as they are now.
+    recorded: dict | None = field(default=None, compare=False, repr=False)
 
     def replace(self, **overrides: Any) -> Experiment:
         """Return a copy with `section.field` overrides applied, validated like the original."""
@@ -168,12 +179,17 @@ class Experiment:
             section = SECTION_OF.get(key)
             _require(section is not None, f"unknown setting {key!r}")
             sections[section][key] = value
-        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **kv)
-                                             for s, kv in sections.items() if kv})
+        # A change to the recipe makes a new run, whose label is computed afresh.
+        recorded = (self.recorded if set(overrides) <= EXECUTION_FIELDS else None)
+        return dataclasses.replace(self, recorded=recorded,
+                                   **{s: dataclasses.replace(getattr(self, s), **kv)
+                                      for s, kv in sections.items() if kv})
 
     def overrides(self) -> dict[str, Any]:
         """The settings of the protocol in which this run departs from its preset, e.g.
         {"epochs": 2}. Execution settings (EXECUTION_FIELDS) are not departures."""
+        if self.recorded is not None:
+            return dict(self.recorded["overrides"])
         preset = EXPERIMENTS.get(self.name)
         if preset is None:
             return {}
@@ -187,6 +203,8 @@ class Experiment:
     @property
     def profile(self) -> str:
         """paper: a preset as the paper ran it; quick: `--quick`; custom: anything else."""
+        if self.recorded is not None:
+            return self.recorded["profile"]
         if self.quick:
             return "quick"
         return "paper" if self.name in EXPERIMENTS and not self.overrides() else "custom"
@@ -198,8 +216,16 @@ class Experiment:
         changed = ", ".join(f"{key}={value}" for key, value in self.overrides().items())
         return self.profile + (f": {changed}" if changed else "")
 
+    @property
+    def protocol_note(self) -> str:
+        """What a run's log says when it is not the paper's protocol, naming the departures."""
+        return "" if self.profile == "paper" else f" [{self.settings}; not the paper's protocol]"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "profile": self.profile}
+        """config.json: the full recipe, and the label the run is made under."""
+        d = dataclasses.asdict(self)
+        del d["recorded"]
+        return {**d, "profile": self.profile, "overrides": self.overrides()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
@@ -208,7 +234,9 @@ class Experiment:
                    quick=bool(d.get("quick", d.get("profile") == "quick")),
                    model=_build(ModelConfig, d.get("model", {})),
                    data=_build(DataConfig, d.get("data", {})),
-                   train=_build(TrainConfig, d.get("train", {})))
+                   train=_build(TrainConfig, d.get("train", {})),
+                recorded=({"profile": d["profile"], "overrides": d["overrides"]}
+                          if "overrides" in d and "profile" in d else None))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

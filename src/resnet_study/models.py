@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, UsageError, get_experiment
+from .config import ModelConfig, UsageError, get_experiment, one_line
 from .files import load_tensors
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
@@ -301,8 +301,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_tensors(path)
     except Exception as e:
-        raise UsageError(f"{path}: not a loadable state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        raise UsageError(f"{path}: not a loadable state dict ({one_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path}: expected a torchvision-format state dict of tensors")
     return state

@@ -19,21 +19,21 @@ from pathlib import Path
 
 import torch
 
-from .config import Experiment, UsageError, get_experiment
+from .config import Experiment, UsageError, get_experiment, one_line
 from .data.sources import ImageSet
 from .data.splits import check_sizes
 from .data.store import load_images
-from .files import write_json
-from .models import build_model, training_flops
+from .models import network, training_flops
+from .training.assembly import assemble
 from .training.checkpoint import read_summary
-from .training.device import autocast_dtype, resolve_device
-from .training.step import make_optimizer, make_scheduler, train_step
+from .training.device import resolve_device
+from .training.record import RunRecord
 from .training.train import train
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).
 QUICK = {"epochs": 3, "subset": 1000, "test_subset": 1000}
-FINAL = {"completed", "diverged"}  # outcomes a rerun would only repeat
+FINAL = {"completed", "diverged", "stopped"}  # outcomes a rerun would only repeat
 # The most runs `--runs-per-device auto` puts on one GPU: four eager runs at once gave 3.06x the
 # throughput of one on an H200 (benchmarks/RESULTS.md, a7f281c); more were not measured.
 MAX_RUNS_PER_GPU = 4
@@ -87,23 +87,16 @@ def status(run: Run) -> str:
 
 def execute(run: Run, device: str | None = None,
             on_epoch: Callable[[Run, dict], None] | None = None) -> dict:
-    """Train one run (resuming it if it was interrupted); a failure becomes its summary."""
+    """Train one run (resuming it if it was interrupted); a failure becomes its summary, with
+    all that was known of the run (`RunRecord`)."""
     exp = run.experiment if device is None else run.experiment.replace(device=device)
-
-    def epoch_done(row: dict) -> None:
-        if on_epoch is not None:
-            on_epoch(run, row)
-
+    observers = [] if on_epoch is None else [lambda exp, row: on_epoch(run, row)]
+    record = RunRecord(exp, run.out)
     try:
         return train(exp, run.out, resume=(run.out / "checkpoint.pt").exists(), quiet=True,
-                     on_epoch=epoch_done)
+                     observers=observers, record=record)
     except Exception as e:  # out of memory, weights offline, bad data: record it and go on
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        summary = {"experiment": exp.name, "seed": exp.train.seed, "status": "failed",
-                   "error": reason, "profile": exp.profile}
-        run.out.mkdir(parents=True, exist_ok=True)
-        write_json(run.out / "summary.json", summary)
-        return summary
+        return record.summary or record.write("failed", error=one_line(e))
 
 
 def prepare(runs: list[Run], root: Path,
@@ -216,16 +209,14 @@ def auto_runs_per_device(device_name: str, todo: list[Run],
     exp, data = run.experiment, images[run.experiment.data.data]
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    model = build_model(dataclasses.replace(exp.model, pretrained=None), len(data.classes))
-    model = model.to(device, memory_format=torch.channels_last)
+    exp = exp.replace(device=str(device))
+    parts = assemble(exp, model=network(exp.model, len(data.classes)), steps_per_epoch=1)
     x = torch.randn(exp.train.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, len(data.classes), (exp.train.batch_size,), device=device)
-    optimizer = make_optimizer(model, exp.train)
-    train_step(model, optimizer, make_scheduler(optimizer, exp.train, steps_per_epoch=1),
-               torch.amp.GradScaler("cuda", enabled=False), x.to(memory_format=torch.channels_last),
-               y, exp.train, device, autocast_dtype(exp.train.precision, device))
+    parts.step(x.to(memory_format=torch.channels_last if exp.train.channels_last
+                    else torch.contiguous_format), y, 1.0)
     step_bytes = torch.cuda.max_memory_allocated(device) - before
-    del model, optimizer, x, y
+    del parts, x, y
     torch.cuda.empty_cache()
     run_bytes = step_bytes + data.train_images.nbytes + data.test_images.nbytes + 2**30
     free, _ = torch.cuda.mem_get_info(device)
@@ -240,8 +231,8 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     `auto_runs_per_device`); returns run labels by outcome. Several runs at once, or runs on
     listed devices, are worker processes; one run at a time on one device runs in this one."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    outcomes: dict[str, list[str]] = {"completed": [], "diverged": [], "failed": [],
-                                      "skipped": []}
+    outcomes: dict[str, list[str]] = {"completed": [], "diverged": [], "stopped": [],
+                                      "failed": [], "skipped": []}
     todo = []
     for run in runs:
         state = status(run)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import BASE_EXPERIMENT, UsageError
+from ..config import BASE_EXPERIMENT, UsageError, one_line
 from ..files import atomic_open, write_csv, write_json
 from ..models import BasicBlock
 from ..report import figures
@@ -316,7 +316,7 @@ def _inspected(run: Run, log: Callable[[str], None]) -> list[dict] | str:
         try:
             inspect_run(run.directory)
         except Exception as e:  # data gone, out of memory: the report goes on without it
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return one_line(e)
     with open(stats, newline="") as f:
         return [{k: (v if k in ("block", "stage") else float(v)) for k, v in row.items()}
                 for row in csv.DictReader(f)]

@@ -85,6 +85,9 @@ def _read_run(run_dir: Path) -> Run | dict:
     if status == "diverged":
         return {"status": status,
                 "reason": f"non-finite loss in epoch {summary.get('diverged_epoch')}"}
+    if status == "stopped":
+        return {"status": status, "reason": f"stopped after epoch {summary.get('epochs')}: "
+                                            f"{summary.get('stop_reason', 'no reason recorded')}"}
     if status != "completed":
         raise Unreadable(f"summary.json: unknown status {status!r}")
     for key in ("test_top1", "train_seconds", "params", "epochs"):

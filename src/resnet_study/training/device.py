@@ -73,6 +73,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def device_label(device: torch.device) -> str:
+    """The device as a run's summary names it: the GPU's model, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak, so that runs sharing a process (a study) each report their own."""
     if device.type == "cuda":

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainConfig, one_line
 from .device import autocast
 
 GRAPH_WARMUP = 3  # uncaptured steps on a side stream before the capture, as CUDA graphs need
@@ -264,10 +264,6 @@ class GraphStep:
             self.capture_seconds += time.perf_counter() - start
         self.graph, self.static = graph, (static_x, static_y, static_loss)
         self.log(f"training step captured as a CUDA graph in {self.capture_seconds:.2f} s")
-
-
-def one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def make_step(model: nn.Module, step_model: nn.Module, optimizer, scheduler, scaler,

@@ -1,0 +1,112 @@
+"""Everything a training run is made of, built in one place.
+
+`train`, `bench`, the study's memory probe and the GPU check all train through an `Assembly`:
+the device and precision, torchrun's ranks, the device-resident splits, the network and its
+stepped form (DDP, `torch.compile`), the optimiser, scheduler and grad scaler, and the step
+(`step.make_step`: eager, compiled, or replayed as a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import Experiment, UsageError
+from ..data.splits import Splits, make_splits
+from ..models import build_model
+from .checkpoint import set_rng_state
+from .device import (
+    Ranks,
+    autocast_dtype,
+    init_ranks,
+    precision_name,
+    reset_peak_memory,
+    resolve_device,
+    set_determinism,
+)
+from .step import GraphStep, Step, make_optimizer, make_scheduler, make_step
+
+
+@dataclasses.dataclass
+class Assembly:
+    experiment: Experiment
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype; None: float32
+    ranks: Ranks
+    splits: Splits | None  # None where the caller brings its own batches
+    model: nn.Module  # the plain module: evaluation and checkpoints
+    step_model: nn.Module  # what the step runs: the module, DDP's wrapper, or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    log: Callable[[str], None]
+    step: Step | None = None  # (x, y, grad_scale) -> loss; set by `assemble`
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.amp)
+
+    @property
+    def graph(self) -> GraphStep | None:
+        return self.step if isinstance(self.step, GraphStep) else None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the training state."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+def _wrap(model: nn.Module, exp: Experiment, device: torch.device, ranks: Ranks) -> nn.Module:
+    """The stepped module: DDP under torchrun (SyncBatchNorm with --sync-bn), compiled with
+    --compile."""
+    cfg = exp.train
+    if ranks.world > 1:
+        if cfg.sync_bn and device.type != "cuda":
+            raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
+                             "kernel); on CPU, train without it")
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+def assemble(exp: Experiment, *, model: nn.Module | None = None,
+             steps_per_epoch: int | None = None, checkpoint: dict | None = None,
+             log: Callable[[str], None] = lambda msg: None, progress: bool = False) -> Assembly:
+    """A run of `exp`: its data, and its network built for the data's classes (with its
+    pretrained weights, unless `checkpoint` restores the training state); or, given `model`,
+    that network without data (`steps_per_epoch` then says how long the schedule's epoch is).
+    `steps_per_epoch` also shortens the schedule of a run with data (the benchmark's)."""
+    cfg = exp.train
+    ranks, device = init_ranks(resolve_device(cfg.device))
+    amp = autocast_dtype(cfg.precision, device)
+    set_determinism(cfg)
+    reset_peak_memory(device)
+    splits = None
+    if model is None:
+        splits = make_splits(exp.data, cfg, device, progress=progress, ranks=ranks)
+        model = build_model(exp.model if checkpoint is None else
+                            dataclasses.replace(exp.model, pretrained=None),
+                            len(splits.images.classes))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    steps = steps_per_epoch or len(splits.train)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+    parts = Assembly(exp, device, amp, ranks, splits, model, _wrap(model, exp, device, ranks),
+                     optimizer, scheduler, scaler, steps, log)
+    parts.step = make_step(parts.model, parts.step_model, optimizer, scheduler, scaler, cfg,
+                           device, amp, steps, ranks.world, log)
+    return parts
