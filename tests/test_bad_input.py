@@ -15,8 +15,15 @@ from resnet_study import ModelConfig, UsageError
 from resnet_study.cli import main
 from resnet_study.models import ResNet18, load_pretrained
 
-from .test_data import Payload, pack, write_bad_cifar10, write_cifar100, write_class_folders
-from .test_report import DAMAGES, damage
+from .helpers import (
+    DAMAGES,
+    Payload,
+    damage,
+    pack,
+    write_bad_cifar10,
+    write_cifar100,
+    write_class_folders,
+)
 
 TRAIN = ["train", "resnet18-lr0.01", "--epochs", "1", "--batch-size", "16", "--subset", "32",
          "--test-subset", "16", "--quiet"]

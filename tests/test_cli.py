@@ -6,7 +6,10 @@ import pytest
 
 from resnet_study.cli import main
 
-from .test_models import LITERATURE_PARAMS, PAPER_PARAMS
+from .helpers import (
+    LITERATURE_PARAMS,
+    PAPER_PARAMS,
+)
 
 
 def run_cli(*args, cwd=None):

@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import socket
-import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -23,81 +22,25 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_study import data, sources
 from resnet_study.config import UsageError
+from resnet_study.data import store
 from resnet_study.data.loader import DeviceLoader, normalization
 from resnet_study.data.loader import split as split_images
 from resnet_study.data.sources import DataError, ImageSet
 from resnet_study.data.store import load_images
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
-
+from .helpers import (
+    CIFAR10_CLASSES,
+    Payload,
+    pack,
+    read_array,
+    write_bad_cifar10,
+    write_cifar10,
+    write_cifar100,
+    write_class_folders,
+)
 
 # --- fixtures in the official layouts ---------------------------------------------------------
-
-def dump(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def batch(rng: np.random.Generator, n: int, labels: dict[bytes, list[int]]) -> dict:
-    return {b"batch_label": b"testing batch 1 of 1",
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)], **labels}
-
-
-def write_cifar100(root: Path, *, train: dict | None = None) -> dict[str, dict]:
-    """cifar-100-python/{train,test,meta} under root: 50 train and 20 test images."""
-    rng = np.random.default_rng(0)
-    files = {
-        "meta": {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                 b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]},
-        "train": train or batch(rng, 50, {b"fine_labels": rng.integers(0, 100, 50).tolist(),
-                                          b"coarse_labels": rng.integers(0, 20, 50).tolist()}),
-        "test": batch(rng, 20, {b"fine_labels": rng.integers(0, 100, 20).tolist(),
-                                b"coarse_labels": rng.integers(0, 20, 20).tolist()}),
-    }
-    for name, obj in files.items():
-        dump(root / "cifar-100-python" / name, obj)
-    return files
-
-
-def write_cifar10(root: Path) -> dict[str, dict]:
-    """cifar-10-batches-py/ under root: five batches of 10 train images, 20 test images."""
-    rng = np.random.default_rng(1)
-    files = {f"data_batch_{i}": batch(rng, 10, {b"labels": rng.integers(0, 10, 10).tolist()})
-             for i in range(1, 6)}
-    files["test_batch"] = batch(rng, 20, {b"labels": rng.integers(0, 10, 20).tolist()})
-    files["batches.meta"] = {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-                             b"num_cases_per_batch": 10, b"num_vis": 3072}
-    for name, obj in files.items():
-        dump(root / "cifar-10-batches-py" / name, obj)
-    return files
-
-
-def pack(folder: Path, archive: Path) -> Path:
-    """Tar the contents of folder (not folder itself) into archive."""
-    with tarfile.open(archive, "w:gz" if archive.name.endswith("gz") else "w") as tar:
-        for child in sorted(folder.iterdir()):
-            tar.add(child, arcname=child.name)
-    return archive
-
-
-def write_class_folders(root: Path, classes: dict[str, tuple[int, int]]) -> dict[str, list]:
-    """root/{train,test}/<class>/NN.png with random pixels; returns the images per split, in
-    label order (sorted class names), then file order."""
-    rng = np.random.default_rng(2)
-    written: dict[str, list] = {"train": [], "test": []}
-    for label, cls in enumerate(sorted(classes)):
-        for split, count in zip(("train", "test"), classes[cls], strict=True):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i:02d}.png")
-                written[split].append((pixels.transpose(2, 0, 1), label))
-    return written
 
 
 @pytest.fixture
@@ -166,18 +109,7 @@ def test_numpy1_pickles_are_read(tmp_path: Path) -> None:
         assert read_array(source).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
-def read_array(source: bytes | Path | str) -> np.ndarray:
-    return sources.read_pickle(source, "old")["data"]
-
-
 # --- the unpickler refuses everything but arrays ----------------------------------------------
-
-class Payload:
-    def __init__(self, call: tuple) -> None:
-        self.call = call
-
-    def __reduce__(self) -> tuple:
-        return self.call
 
 
 @pytest.mark.parametrize("kind", ["open", "system"])
@@ -210,24 +142,6 @@ def test_truncated_archive(tmp_path: Path, cache: Path) -> None:
 
 
 # --- faults in official files -----------------------------------------------------------------
-
-def write_bad_cifar10(root: Path, fault: str) -> Path:
-    write_cifar10(root)
-    path = root / "cifar-10-batches-py/data_batch_3"
-    with path.open("rb") as f:
-        d = pickle.load(f)
-    if fault == "label range":
-        d[b"labels"][4] = 10
-    elif fault == "label count":
-        d[b"labels"].pop()
-    elif fault == "dtype":
-        d[b"data"] = d[b"data"].astype(np.float32)
-    elif fault == "shape":
-        d[b"data"] = d[b"data"][:, :3000]
-    elif fault == "no data":
-        del d[b"data"]
-    dump(path, d)
-    return path
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -358,12 +272,12 @@ def test_download_checks_md5(tmp_path: Path, server: tuple[str, Path]) -> None:
     (www / "blob.bin").write_bytes(os.urandom(3_000_000))
     dest = tmp_path / "got/blob.bin"
 
-    assert data.download(f"{url}/blob.bin", dest, md5(www / "blob.bin"), progress=False) == dest
+    assert store.download(f"{url}/blob.bin", dest, md5(www / "blob.bin"), progress=False) == dest
     assert dest.read_bytes() == (www / "blob.bin").read_bytes()
 
     bad = tmp_path / "bad/blob.bin"
     with pytest.raises(DataError, match="blob.bin: downloaded file has md5 .*expected 0{32}"):
-        data.download(f"{url}/blob.bin", bad, "0" * 32, progress=False)
+        store.download(f"{url}/blob.bin", bad, "0" * 32, progress=False)
     assert list(bad.parent.iterdir()) == []
 
 
@@ -373,24 +287,24 @@ def test_download_failure_says_what_to_place_where(tmp_path: Path,
     with pytest.raises(DataError, match=f"cannot download {re.escape(url)}/none\\.tar\\.gz "
                                         r"\(HTTP Error 404: File not found\); to work offline, "
                                         f"place none\\.tar\\.gz in {re.escape(str(tmp_path))}$"):
-        data.download(f"{url}/none.tar.gz", tmp_path / "none.tar.gz", "0" * 32, progress=False)
+        store.download(f"{url}/none.tar.gz", tmp_path / "none.tar.gz", "0" * 32, progress=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.tar.gz"
     with pytest.raises(DataError, match=f"cannot download {re.escape(closed)} "):
-        data.download(closed, tmp_path / "x.tar.gz", "0" * 32, progress=False)
+        store.download(closed, tmp_path / "x.tar.gz", "0" * 32, progress=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "www"]
 
 
 def test_a_server_that_never_answers_fails_the_download_in_its_timeout(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(store, "DOWNLOAD_TIMEOUT", 0.5)
     with socket.socket() as s:  # listens, so the connection opens, but never replies
         s.bind(("127.0.0.1", 0))
         s.listen()
         silent = f"http://127.0.0.1:{s.getsockname()[1]}/x.tar.gz"
         with pytest.raises(DataError, match=f"cannot download {re.escape(silent)} .*timed out"):
-            data.download(silent, tmp_path / "x.tar.gz", "0" * 32, progress=False)
+            store.download(silent, tmp_path / "x.tar.gz", "0" * 32, progress=False)
     assert not (tmp_path / "x.tar.gz").exists()
 
 
@@ -399,7 +313,7 @@ def test_cifar10_from_mirror(tmp_path: Path, cache: Path, server: tuple[str, Pat
     url, www = server
     files = write_cifar10(tmp_path / "src")
     archive = pack(tmp_path / "src", www / "cifar-10-python.tar.gz")
-    monkeypatch.setitem(data.MD5, "cifar10", md5(archive))
+    monkeypatch.setitem(store.MD5, "cifar10", md5(archive))
     monkeypatch.setenv("RESNET_STUDY_MIRROR", url + "/")
 
     s = load("cifar10", cache)
@@ -418,9 +332,9 @@ def test_existing_archive_with_wrong_md5(cache: Path) -> None:
 
 def test_data_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RESNET_STUDY_DATA", str(tmp_path))
-    assert data.data_cache_dir() == tmp_path
+    assert store.data_cache_dir() == tmp_path
     monkeypatch.delenv("RESNET_STUDY_DATA")
-    assert data.data_cache_dir() == Path.home() / ".cache/resnet-study"
+    assert store.data_cache_dir() == Path.home() / ".cache/resnet-study"
 
 
 # --- the decoded cache ------------------------------------------------------------------------
@@ -435,7 +349,7 @@ def test_second_load_reads_the_cache(tmp_path: Path, cache: Path,
         raise AssertionError("decoded again")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "read_tree", no_decoding)
+        m.setattr(store, "read_tree", no_decoding)
         second = load(tmp_path / "src", cache)
     assert same(second, first)
 

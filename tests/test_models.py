@@ -17,29 +17,7 @@ from resnet_study.models import (
     network,
 )
 
-# Table 1 of the paper, 100 classes.
-PAPER_PARAMS = {
-    "resnet18-lr0.1": 11_227_812,
-    "resnet18-lr0.01": 11_227_812,
-    "resnet18-lr0.001": 11_227_812,
-    "resnet18-wide": 44_695_716,
-    "resnet18-3x3-shortcut": 12_604_068,
-    "resnet18-preact": 11_226_020,
-    "resnet18-no-bn": 11_218_212,
-    "resnet18-dropout": 11_227_812,
-    "resnet18-adam": 11_227_812,
-    "resnet18-adam-clip": 11_227_812,
-    "resnet18-pretrained": 11_227_812,
-    "new-wide-resnet18": 50_266_276,
-}
-
-
-# The literature rows, counted from the architectures as published (conv weights without
-# bias, BN scale and shift, fc with bias): 100 classes, and 10 classes as their papers report.
-LITERATURE_PARAMS = {
-    "wrn-16-8": (11_007_540, 10_961_370),  # Zagoruyko & Komodakis: 11.0M
-    "resnet-110": (1_733_812, 1_727_962),  # He et al.: 1.7M
-}
+from .helpers import LITERATURE_PARAMS, PAPER_PARAMS
 
 
 def test_every_paper_row_is_an_experiment():
@@ -294,6 +272,7 @@ def test_pretrained_only_for_the_base_architecture():
 REPEAT_SCRIPT = """
 import torch
 from resnet_study.models import Conv2d
+
 torch.manual_seed(0)
 conv = Conv2d(256, 512, 3, padding=1, bias=False)
 x = torch.randn(256, 256, 2, 2)

@@ -18,7 +18,12 @@ from resnet_study.report.runs import scan
 from resnet_study.report.writer import CUSTOM_NOTE, QUICK_NOTE, report
 from resnet_study.study import plan, run_study
 
-from .test_data import batch, write_cifar100
+from .helpers import (
+    DAMAGES,
+    batch,
+    damage,
+    write_cifar100,
+)
 
 EXPERIMENTS = ["resnet18-lr0.01", "resnet18-adam", "resnet18-no-bn"]
 SETTINGS = dict(batch_size=64, eval_batch_size=200, epochs=2)
@@ -168,6 +173,21 @@ def test_runs_without_a_result_are_left_out_and_listed_with_their_reason(studies
     assert "Not drawn, no completed run: resnet18-adam" in page
 
 
+def test_a_preset_edited_after_its_runs_never_relabels_them(studies, tmp_path, monkeypatch):
+    """Edit the base preset to what its runs trained (2 epochs, batch 64): compared with
+    today's presets they would read as the paper's protocol, but they keep their own label."""
+    study = tmp_path / "copy"
+    shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
+    name = EXPERIMENTS[0]
+    monkeypatch.setitem(PRESETS, name, PRESETS[name].replace(epochs=2, batch_size=64))
+    assert PRESETS[name].replace(epochs=2, batch_size=64).profile == "paper"
+    report(study, inspect=False)
+    rows = {r["experiment"]: r for r in read_csv(study / "report" / "table1.csv")}
+    assert rows[name]["profile"] == "custom"
+    assert rows[name]["settings"] == "custom: epochs=2, batch_size=64"
+    assert rows[name]["difference"] == ""
+
+
 def test_report_is_a_pure_function_of_the_runs(studies, tmp_path):
     study = tmp_path / "copy"
     shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
@@ -258,33 +278,6 @@ def test_runs_off_the_papers_protocol_are_marked_with_their_overrides(studies):
                          .read_text())
     assert summary["profile"] == "custom" and summary["overrides"] == {"epochs": 2,
                                                                        "batch_size": 64}
-
-
-def damage(run_dir, kind):
-    """What a partial copy, an interrupted rsync or a hand edit leaves of a finished run."""
-    if kind == "truncated summary.json":
-        (run_dir / "summary.json").write_text((run_dir / "summary.json").read_text()[:40])
-    elif kind == "metrics.csv with only its header":
-        text = (run_dir / "metrics.csv").read_text()
-        (run_dir / "metrics.csv").write_text(text.splitlines()[0] + "\n")
-    elif kind == "config.json not JSON":
-        (run_dir / "config.json").write_text("model: resnet18\n")
-    elif kind == "metrics.csv missing":
-        (run_dir / "metrics.csv").unlink()
-    elif kind == "truncated predictions.npz":
-        data = (run_dir / "predictions.npz").read_bytes()
-        (run_dir / "predictions.npz").write_bytes(data[:len(data) // 2])
-    elif kind == "checkpoint of another width":
-        config = json.loads((run_dir / "config.json").read_text())
-        config["model"]["width"] = 2
-        (run_dir / "config.json").write_text(json.dumps(config))
-
-
-DAMAGES = {"truncated summary.json": "summary.json is not valid JSON",
-           "metrics.csv with only its header": "metrics.csv holds no epochs",
-           "config.json not JSON": "config.json is not valid JSON",
-           "metrics.csv missing": "metrics.csv is missing",
-           "truncated predictions.npz": "predictions.npz is damaged"}
 
 
 def test_damaged_runs_are_listed_and_the_rest_is_reported(studies, tmp_path):

@@ -20,7 +20,10 @@ from resnet_study.study import (
 )
 from resnet_study.training.train import train
 
-from .test_train import read_metrics, without_timings
+from .helpers import (
+    read_metrics,
+    without_timings,
+)
 
 TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
             epochs=1)
@@ -218,3 +221,19 @@ def test_all_means_the_papers_twelve_and_groups_add_to_it(args, expected, monkey
 def test_study_bad_input(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_that_fails_in_a_study_keeps_all_that_was_known_of_it(tmp_path, monkeypatch):
+    """A disk that fills at the first checkpoint: the record keeps the run, not only its error."""
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("resnet_study.training.checkpoint.torch.save", full_disk)
+    run = plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False)[0]
+    assert run_study([run], log=lambda msg: None)["failed"] == [run.label]
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("OSError: [Errno 28] No space left on device")
+    assert summary["params"] == 11_181_642 and summary["device"] == "cpu"
+    assert summary["precision"] in ("fp32", "bf16") and summary["epochs"] == 1
+    assert summary["dataset"] == "synthetic" and summary["settings"].startswith("custom: ")

@@ -1,6 +1,6 @@
-import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -9,7 +9,9 @@ from resnet_study import UsageError
 from resnet_study.config import get_experiment
 from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
-from resnet_study.training.train import train
+from resnet_study.training.train import Stop, train
+
+from .helpers import read_metrics, without_timings
 
 # Small but real: the paper's network on 256 synthetic images, four steps per epoch.
 FAST = dict(data="synthetic", subset=256, batch_size=64, eval_batch_size=500, epochs=2)
@@ -17,18 +19,6 @@ FAST = dict(data="synthetic", subset=256, batch_size=64, eval_batch_size=500, ep
 
 def fast(name="resnet18-lr0.01", **overrides):
     return get_experiment(name).replace(**{**FAST, **overrides})
-
-
-def read_metrics(run):
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-TIMINGS = {"epoch_seconds", "eval_seconds", "images_per_second"}
-
-
-def without_timings(rows):
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def test_run_directory_has_metrics_config_summary_and_checkpoint(tmp_path):
@@ -206,3 +196,21 @@ def test_cuda_graphs_on_a_cpu_train_eager_and_say_so_once(tmp_path, capsys):
     assert "cuda_graphs" not in asked["overrides"]
     assert without_timings(read_metrics(tmp_path / "asked")) == without_timings(
         read_metrics(tmp_path / "eager"))
+
+
+def test_an_observer_stops_a_run_cleanly_and_the_folder_says_why(tmp_path):
+    seen = []
+
+    def plateau(exp, row):
+        seen.append(row["epoch"])
+        return Stop("validation top-1 did not improve") if row["epoch"] == 1 else None
+
+    summary = train(fast(epochs=3), tmp_path, quiet=True, observers=[plateau])
+    assert seen == [1]
+    assert summary["status"] == "stopped" and summary["epochs"] == 1
+    assert summary["stop_reason"] == "validation top-1 did not improve"
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert len(read_metrics(tmp_path)) == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    with np.load(tmp_path / "predictions.npz") as z:
+        assert z["predicted"].shape == z["labels"].shape == (10_000,)
