@@ -21,6 +21,7 @@ from resnet_study.config import EXPERIMENTS, GROUPS, PAPER
 from resnet_study.models import ResNet18, count_params
 from resnet_study.training import step as steplib
 from resnet_study.training import train as trainlib
+from resnet_study.training.assembly import assemble
 
 TRAIN_IMAGES = 50_000  # CIFAR's training set, and the stand-in's
 
@@ -44,17 +45,14 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     y = torch.randint(0, 100, (64,), device=device)
     initial = ResNet18(exp.model).state_dict()
     losses = {}
-    for dtype in (None, torch.bfloat16):
-        model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
+    for precision in ("fp32", "bf16"):
+        model = ResNet18(exp.model)
         model.load_state_dict(initial)
-        optimizer = steplib.make_optimizer(model, exp.train)
-        scheduler = steplib.make_scheduler(optimizer, exp.train, steps_per_epoch=100)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        losses[dtype] = [steplib.train_step(model, optimizer, scheduler, scaler, x, y,
-                                            exp.train, device, dtype).item()
-                         for _ in range(steps)]
-    diff = max(abs(a - b) for a, b in zip(losses[None], losses[torch.bfloat16], strict=True))
-    assert diff < 0.1, f"bf16 losses {losses[torch.bfloat16]} vs fp32 {losses[None]}"
+        parts = assemble(exp.replace(precision=precision, device=str(device)), model=model,
+                         steps_per_epoch=100)
+        losses[precision] = [parts.step(x, y, 1.0).item() for _ in range(steps)]
+    diff = max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True))
+    assert diff < 0.1, f"bf16 losses {losses['bf16']} vs fp32 {losses['fp32']}"
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
@@ -77,13 +75,11 @@ def check_graph_step(device: torch.device, name: str, steps: int = 12) -> str:
         if run == "nudged":
             with torch.no_grad():
                 model.fc.weight[0, 0] *= 1 + 2**-23
-        optimizer = steplib.make_optimizer(model, cfg)
-        scheduler = steplib.make_scheduler(optimizer, cfg, steps)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        step = (steplib.GraphStep(model, optimizer, scheduler, cfg, None, steps,
-                                  capture=device.type == "cuda", log=print) if run == "graph" else
-                steplib.make_step(model, model, optimizer, scheduler, scaler, cfg, device, None,
-                                  steps, world=1, log=print))
+        parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)),
+                         model=model, steps_per_epoch=steps)
+        step = (steplib.GraphStep(parts.model, parts.optimizer, parts.scheduler, cfg, None, steps,
+                                  capture=device.type == "cuda", log=print) if run == "graph"
+                else parts.step)
         for x, y in batches:
             step(x, y)
         weights[run] = torch.cat([p.detach().flatten() for p in model.parameters()])

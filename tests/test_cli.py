@@ -6,10 +6,7 @@ import pytest
 
 from resnet_study.cli import main
 
-from .helpers import (
-    LITERATURE_PARAMS,
-    PAPER_PARAMS,
-)
+from .helpers import LITERATURE_PARAMS, PAPER_PARAMS
 
 
 def run_cli(*args, cwd=None):

@@ -15,9 +15,7 @@ import torch
 
 from resnet_study.cli import EXIT_INTERRUPTED, main
 
-from .helpers import (
-    TIMINGS,
-)
+from .helpers import TIMINGS
 
 # Resumed runs are compared with the uninterrupted one exactly, in whatever precision `auto`
 # picks here: with --deterministic a resumed run recomputes the very same steps.

@@ -18,12 +18,7 @@ from resnet_study.report.runs import scan
 from resnet_study.report.writer import CUSTOM_NOTE, QUICK_NOTE, report
 from resnet_study.study import plan, run_study
 
-from .helpers import (
-    DAMAGES,
-    batch,
-    damage,
-    write_cifar100,
-)
+from .helpers import DAMAGES, batch, damage, write_cifar100
 
 EXPERIMENTS = ["resnet18-lr0.01", "resnet18-adam", "resnet18-no-bn"]
 SETTINGS = dict(batch_size=64, eval_batch_size=200, epochs=2)

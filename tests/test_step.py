@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from resnet_study import EXPERIMENTS
-from resnet_study.config import ModelConfig, TrainConfig
+from resnet_study.config import ExecutionConfig, Experiment, ModelConfig, TrainConfig
 from resnet_study.models import ResNet18
 from resnet_study.training import step as steplib
+from resnet_study.training.assembly import assemble
 
 STEPS_PER_EPOCH = 3
 # The literature's kind of schedule in small: 2 warm-up steps, then the LR x0.2 after epoch 1.
@@ -152,7 +153,7 @@ def test_a_failed_capture_says_so_once_and_training_goes_on(monkeypatch):
 def test_a_failed_compile_says_so_once_and_training_goes_on():
     """What a machine without a C++ compiler or Triton meets: the backend fails on the first
     step; that step and the rest run eager, as if --compile had not been given."""
-    cfg = TrainConfig(epochs=2, lr=0.01, compile=True)
+    cfg = TrainConfig(epochs=2, lr=0.01)
     data = batches(2 * STEPS_PER_EPOCH)
 
     def no_compiler(graph, inputs):
@@ -160,9 +161,13 @@ def test_a_failed_compile_says_so_once_and_training_goes_on():
 
     model, optimizer, scheduler = setup(cfg)
     lines = []
-    step = steplib.make_step(model, torch.compile(model, backend=no_compiler), optimizer,
-                             scheduler, torch.amp.GradScaler("cpu", enabled=False), cfg,
-                             torch.device("cpu"), None, STEPS_PER_EPOCH, 1, lines.append)
+    parts = assemble(Experiment("compiled", "", train=cfg,
+                                execution=ExecutionConfig(device="cpu", precision="fp32",
+                                                          channels_last=False, compile=True)),
+                     model=model, steps_per_epoch=STEPS_PER_EPOCH, log=lines.append)
+    parts.optimizer, parts.scheduler = optimizer, scheduler  # the state the eager run starts from
+    parts.step_model = torch.compile(model, backend=no_compiler)
+    step = steplib.make_step(parts)
     for x, y in data:
         step(x, y)
     assert lines == ["torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ "
@@ -175,10 +180,10 @@ def test_a_failed_compile_says_so_once_and_training_goes_on():
     ({"device": torch.device("cpu")}, "they need a CUDA device"),
     ({"world": 2}, "not under torchrun"),
     ({"amp": torch.float16}, "fp16 needs loss scaling"),
-    ({"cfg": TrainConfig(compile=True)}, "--compile builds graphs of its own"),
+    ({"execution": ExecutionConfig(compile=True)}, "--compile builds graphs of its own"),
 ])
 def test_runs_that_cannot_use_graphs_are_named(change, obstacle):
-    args = {"cfg": TrainConfig(), "device": torch.device("cuda"), "amp": torch.bfloat16,
+    args = {"execution": ExecutionConfig(), "device": torch.device("cuda"), "amp": torch.bfloat16,
             "world": 1, **change}
     reason = steplib.graph_obstacle(**args)
     assert reason == obstacle if obstacle is None else reason.startswith(obstacle)

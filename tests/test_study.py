@@ -20,10 +20,7 @@ from resnet_study.study import (
 )
 from resnet_study.training.train import train
 
-from .helpers import (
-    read_metrics,
-    without_timings,
-)
+from .helpers import read_metrics, without_timings
 
 TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
             epochs=1)

@@ -46,7 +46,9 @@ def _parse_sequence(kind: type):
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per config field; only flags given on the command line reach the run."""
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} settings (override the experiment)")
+        group = parser.add_argument_group(
+            "execution settings (how and where a run executes; not the paper's protocol)"
+            if section == "execution" else f"{section} settings (override the experiment)")
         specs = field_specs(cls)
         for f in dataclasses.fields(cls):
             spec = specs[f.name]

@@ -123,18 +123,10 @@ class TrainConfig:
     clip_mode: Literal["value", "norm"] = "value"  # the paper's "grad clip" is by value
     label_smoothing: float = 0.0
     seed: int = 0
-    device: str = "auto"  # auto: cuda if present, else cpu
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
-    channels_last: bool = True
-    compile: bool = False
-    cuda_graphs: bool = False  # replay each training step as one CUDA graph (opt-in for now)
-    deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
-    sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
-    eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
         _check_choice(self)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, not {getattr(self, name)}")
         _require(self.lr > 0, f"lr must be > 0, not {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}")
@@ -155,6 +147,33 @@ class TrainConfig:
                  f"warmup_factor must be in (0, 1], not {self.warmup_factor}")
 
 
+# A resume may change these: they change how fast a run goes, not what it computes.
+RESUMABLE = {"resume": "may change"}
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How and where a run executes, never what the paper's protocol trains: a run that changes
+    these still follows the paper. Those marked RESUMABLE may also change when a run resumes;
+    the others (precision, memory format, determinism, batch-norm sync) would change its
+    numbers, so a resume keeps them."""
+
+    device: str = field(default="auto", metadata=RESUMABLE)  # auto: cuda if present, else cpu
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
+    channels_last: bool = True
+    compile: bool = field(default=False, metadata=RESUMABLE)
+    # Replay each training step as one CUDA graph (opt-in for now).
+    cuda_graphs: bool = field(default=False, metadata=RESUMABLE)
+    deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
+    eval_batch_size: int = field(default=1024, metadata=RESUMABLE)
+
+    def __post_init__(self) -> None:
+        _check_choice(self)
+        _require(self.eval_batch_size > 0,
+                 f"eval_batch_size must be > 0, not {self.eval_batch_size}")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A named run recipe: one row of the paper's Table 1, or the user's own."""
@@ -167,6 +186,7 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     # The label a run was trained under ({"profile", "overrides"}), read back from its
     # config.json: a preset edited later never relabels the run. None: computed from the
     # presets as they are now.
@@ -174,7 +194,7 @@ class Experiment:
 
     def replace(self, **overrides: Any) -> Experiment:
         """Return a copy with `section.field` overrides applied, validated like the original."""
-        sections = {s: {} for s in ("model", "data", "train")}
+        sections: dict[str, dict] = {s: {} for s in SECTIONS}
         for key, value in overrides.items():
             section = SECTION_OF.get(key)
             _require(section is not None, f"unknown setting {key!r}")
@@ -194,8 +214,8 @@ class Experiment:
         if preset is None:
             return {}
         return {f.name: getattr(mine, f.name)
-                for mine, theirs in ((self.model, preset.model), (self.data, preset.data),
-                                     (self.train, preset.train))
+                for mine, theirs in ((getattr(self, s), getattr(preset, s))
+                                     for s in RECIPE_SECTIONS)
                 for f in dataclasses.fields(mine)
                 if f.name not in EXECUTION_FIELDS
                 and getattr(mine, f.name) != getattr(theirs, f.name)}
@@ -239,12 +259,13 @@ class Experiment:
                           if "overrides" in d and "profile" in d else None))
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                             "execution": ExecutionConfig}
+RECIPE_SECTIONS = ("model", "data", "train")  # what the protocol trains
 SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 # Settings that choose how and where a run executes, not what the paper's protocol trains: a run
 # that changes them still follows the paper. (The data set is named on its own in every output.)
-EXECUTION_FIELDS = {"data", "seed", "device", "precision", "channels_last", "compile",
-                    "cuda_graphs", "deterministic", "sync_bn", "eval_batch_size"}
+EXECUTION_FIELDS = {"data", "seed", *(f.name for f in dataclasses.fields(ExecutionConfig))}
 
 
 @dataclass(frozen=True)
@@ -270,6 +291,20 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
         else:
             out[name] = FieldSpec(hint)
     return out
+
+
+def _sections(d: dict[str, Any]) -> dict[str, Any]:
+    """The four sections of an experiment from its dict. Each setting is taken from whichever
+    section holds it, so that config.json files written before the execution settings had a
+    section of their own (they were under "train") still load."""
+    values: dict[str, dict] = {s: {} for s in SECTIONS}
+    for section in SECTIONS:
+        given = d.get(section, {})
+        if not isinstance(given, dict):
+            raise UsageError(f"{section} must be a table of settings, not {given!r}")
+        for key, value in given.items():
+            values[SECTION_OF.get(key, section)][key] = value
+    return {s: _build(SECTIONS[s], v) for s, v in values.items()}
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:

@@ -106,7 +106,7 @@ def prepare(runs: list[Run], root: Path,
     every run alike; raised here it is one line and leaves no run directory behind. Returns the
     data sets by name and whether the study runs on CPUs alone."""
     resolved = [resolve_device(d) for d in devices
-                or dict.fromkeys(r.experiment.train.device for r in runs)]
+                or dict.fromkeys(r.experiment.execution.device for r in runs)]
     images = {spec: load_images(spec) for spec in dict.fromkeys(r.experiment.data.data
                                                                 for r in runs)}
     for run in runs:
@@ -213,7 +213,7 @@ def auto_runs_per_device(device_name: str, todo: list[Run],
     parts = assemble(exp, model=network(exp.model, len(data.classes)), steps_per_epoch=1)
     x = torch.randn(exp.train.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, len(data.classes), (exp.train.batch_size,), device=device)
-    parts.step(x.to(memory_format=torch.channels_last if exp.train.channels_last
+    parts.step(x.to(memory_format=torch.channels_last if exp.execution.channels_last
                     else torch.contiguous_format), y, 1.0)
     step_bytes = torch.cuda.max_memory_allocated(device) - before
     del parts, x, y
@@ -251,12 +251,12 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     log(plan_line)
     if runs_per_device is None:
         runs_per_device, why = auto_runs_per_device(
-            (devices or [todo[0].experiment.train.device])[0], todo, images)
+            (devices or [todo[0].experiment.execution.device])[0], todo, images)
         if runs_per_device > 1:
             log(f"study: {runs_per_device} runs at once per device ({why}; "
                 "--runs-per-device N overrides)")
     if runs_per_device > 1:
-        devices = devices or [todo[0].experiment.train.device]
+        devices = devices or [todo[0].experiment.execution.device]
     if devices:
         devices = [d for d in devices for _ in range(runs_per_device)]
     workers = max(1, len(devices or []))

@@ -96,6 +96,15 @@ class DeviceLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from batch `start` on (a run resumed mid-epoch), exactly as an
         uninterrupted epoch would have served them."""
+        for x, y in self._pixels(epoch, start):
+            yield self.normalize(x), y
+
+    def pixels(self, epoch: int, batch: int = 0) -> torch.Tensor:
+        """Batch `batch` of epoch `epoch` as training sees it, before normalisation: uint8
+        (B, 3, 32, 32) images, for pictures of what the network is shown."""
+        return next(self._pixels(epoch, batch))[0].permute(0, 3, 1, 2)
+
+    def _pixels(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = self.generator(epoch)
         n = self.num_images
         order = (torch.randperm(n, generator=g, device=self.device) if self.shuffle
@@ -109,7 +118,7 @@ class DeviceLoader:
             idx = idx[mine]
             x = (self._crop_and_flip(idx, *(d[mine] for d in draws)) if self.augment
                  else self.images[idx])
-            yield self.normalize(x), self.labels[idx]
+            yield x, self.labels[idx]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images as the network takes them: normalised float NCHW, in the loader's

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..config import DataConfig, TrainConfig, UsageError
+from ..config import DataConfig, Experiment, TrainConfig, UsageError
 from ..training.device import Ranks
 from .loader import DeviceLoader, normalization, split
 from .sources import ImageSet
@@ -39,9 +39,10 @@ def check_sizes(cfg: DataConfig, train_cfg: TrainConfig, available: int, world: 
     return n
 
 
-def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
-                progress: bool = True, ranks: Ranks = Ranks()) -> Splits:
+def make_splits(exp: Experiment, device: torch.device, progress: bool = True,
+                ranks: Ranks = Ranks()) -> Splits:
     """Load the images, carve out validation and subset, and put every split on the device."""
+    cfg, train_cfg, execution = exp.data, exp.train, exp.execution
     images = load_images(cfg.data, progress=progress)
     check_sizes(cfg, train_cfg, len(images.train_labels), ranks.world)
     x, y = images.train_images, images.train_labels
@@ -55,8 +56,8 @@ def make_splits(cfg: DataConfig, train_cfg: TrainConfig, device: torch.device,
         test, _ = split(*test, cfg.test_subset, seed=0)  # one test set for all seeds
     mean, std = normalization(x, cfg.normalize)
     common = dict(batch_size=train_cfg.batch_size, device=device, mean=mean, std=std,
-                  channels_last=train_cfg.channels_last)
-    evaluation = dict(common, batch_size=train_cfg.eval_batch_size, augment=False)
+                  channels_last=execution.channels_last)
+    evaluation = dict(common, batch_size=execution.eval_batch_size, augment=False)
     return Splits(
         images=images,
         train=DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,

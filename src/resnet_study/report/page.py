@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..plots import Figure
+from .inside import Inside
 
 QUICK_NOTE = ("QUICK profile: few epochs on a subset. A smoke test of the pipeline, "
               "not the paper's protocol; do not compare with the paper's numbers.")
@@ -17,10 +22,30 @@ def _figure(caption: str, png: str) -> str:
             f"<figcaption>{e(caption)}</figcaption></figure>")
 
 
-def render(rows, head, cells, comparisons, figures, classes, dataset, root, notes, group_word,
-           without_result, inside) -> str:
-    """The report's page, from what `report.report` computed."""
+@dataclass
+class Page:
+    """What the report's page shows, as `writer.report` computed it."""
+
+    root: Path  # the study
+    dataset: str
+    rows: list[dict]  # Table 1's rows (`writer.table_rows`)
+    head: list[str]  # and as text
+    cells: list[list[str]]
+    comparisons: list[dict]  # each experiment against the base model
+    figures: list[Figure]
+    notes: list[str]  # figures not drawn, and why
+    classes: dict[str, dict]  # per-class results by experiment
+    group_word: str  # superclass or class
+    without_result: list[dict]  # runs left out, with their reasons
+    inside: Inside
+
+
+def render(p: Page) -> str:
+    """The report's page as one HTML document."""
     e = html.escape
+    rows, head, cells, comparisons, figures = p.rows, p.head, p.cells, p.comparisons, p.figures
+    classes, dataset, root, notes, group_word = p.classes, p.dataset, p.root, p.notes, p.group_word
+    without_result, inside = p.without_result, p.inside
     profiles = {r["profile"] for r in rows}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>resnet-study report: "
              f"{e(str(root))}</title><style>"
@@ -59,7 +84,7 @@ def render(rows, head, cells, comparisons, figures, classes, dataset, root, note
     if figures or notes:
         parts.append("<h2>Figures</h2>")
     parts += [f"<p><i>{e(note)}</i></p>" for note in notes]
-    parts += [_figure(caption, png) for _, caption, png in figures]
+    parts += [_figure(f.caption, f.png) for f in figures]
     if inside.sentences or inside.notes:
         parts.append("<h2>Inside the models</h2><p>Each run's checkpoint inspected "
                      "(<code>resnet-study inspect</code>, files in its <code>inspect/</code> "
@@ -69,7 +94,7 @@ def render(rows, head, cells, comparisons, figures, classes, dataset, root, note
         parts += [f"<li>{e(s)}</li>" for s in inside.sentences]
         parts.append("</ul>")
         parts += [f"<p><i>{e(note)}</i></p>" for note in inside.notes]
-        parts += [_figure(caption, png) for _, caption, png in inside.figures]
+        parts += [_figure(f.caption, f.png) for f in inside.figures]
     if classes:
         names = list(classes)
         groups = next(iter(classes.values()))["groups"]

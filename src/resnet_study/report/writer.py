@@ -19,6 +19,7 @@ from scipy import stats
 from ..config import BASE_EXPERIMENT, EXPERIMENTS, PAPER, UsageError
 from ..data.sources import ImageSet
 from ..data.store import load_images
+from ..plots import Figure, save
 from . import page
 from .figures import (
     FIGURES,
@@ -27,8 +28,8 @@ from .figures import (
     figure2,
     figure3,
     protocol_mark,
-    save,
 )
+from .inside import Inside, study_section
 from .page import CUSTOM_NOTE, QUICK_NOTE
 from .runs import Run, combined_profile, paper_order, scan
 
@@ -255,8 +256,6 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     A damaged or failed run never stops it; a study with no completed run still gets its page.
     With `inspect`, every completed run with a checkpoint is inspected (`inspection`), once:
     its folder keeps the result, and the section "Inside the models" compares them."""
-    from ..inspection.probes import Inside, study_section
-
     log = log or (lambda msg: print(msg, flush=True))  # progress: stdout (stderr: faults)
     results, without_result = scan(root)
     out = root / "report"
@@ -270,62 +269,83 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
                                                "settings", "profile"])
         writer.writeheader()
         writer.writerows({**c, "profile": profile} for c in comparisons)
-
-    figures: list[tuple[str, str, str]] = []  # (name, caption, base64 png)
     notes: list[str] = []  # what could not be drawn, and why
-    images = None
-    if results:
-        first = next(iter(results.values()))[0].experiment
-        try:
-            images = load_images(first.data.data, progress=False)
-        except UsageError as e:  # data gone or unreachable: the table and curves still stand
-            notes.append(f"Figures 2 and 3 and the per-class results need the data set "
-                         f"({first.data.data}), which could not be read: {e}")
+    images = _images(results, notes)
     dataset = images.name if images else (
         next(iter(results.values()))[0].summary.get("dataset", "?") if results
         else "unknown (no run completed)")
     write_tables(rows, out, dataset)
+    figures = _figures(results, images, out, notes)
+    completed = [r for r in rows if r["n"]]
+    best = max(completed, key=lambda r: r["top1_mean"])["experiment"] if completed else None
+    group_word = "superclass" if images is not None and images.superclasses is not None else (
+        "class")
+    classes = _classes(results, images, best, out, group_word, profile, figures)
+    inside = (study_section(results, out, best, log) if inspect
+              else Inside([], [], ["Not inspected (report --no-inspect)."]))
+    index = out / "index.html"
+    index.write_text(page.render(page.Page(
+        root=root, dataset=dataset, rows=rows, head=table_head(rows), cells=table_cells(rows),
+        comparisons=comparisons, figures=figures, notes=notes, classes=classes,
+        group_word=group_word, without_result=without_result, inside=inside)))
+    return Report(index, sum(len(runs) for runs in results.values()), without_result)
+
+
+def _images(results: dict[str, list[Run]], notes: list[str]) -> ImageSet | None:
+    """The study's data set, for the data figures and per-class results; None (and a note)
+    where it is gone or unreachable: the table and the curves still stand."""
+    if not results:
+        return None
+    data = next(iter(results.values()))[0].experiment.data.data
+    try:
+        return load_images(data, progress=False)
+    except UsageError as e:
+        notes.append(f"Figures 2 and 3 and the per-class results need the data set ({data}), "
+                     f"which could not be read: {e}")
+        return None
+
+
+def _figures(results: dict[str, list[Run]], images: ImageSet | None, out: Path,
+             notes: list[str]) -> list[Figure]:
+    """Figures 2 and 3 (from the data) and the paper's curve figures, as far as the runs go."""
+    figures = []
     if images is not None and images.superclasses is not None:
-        figures.append(("figure2", "Figure 2: the first image of the first 10 superclasses.",
-                        save(figure2(images), out, "figure2")))
+        figures.append(Figure("figure2", "Figure 2: the first image of the first 10 "
+                              "superclasses.", save(figure2(images), out, "figure2")))
     elif images is not None:
         notes.append(f"Figure 2 needs CIFAR-100's superclasses; {images.name} has none, "
                      "so it was not drawn.")
     if images is not None:
-        figures.append(("figure3", "Figure 3: one augmented training mini-batch.",
-                        save(figure3(images, first.data.padding_mode), out, "figure3")))
+        data = next(iter(results.values()))[0].experiment.data
+        figures.append(Figure("figure3", "Figure 3: one augmented training mini-batch.",
+                              save(figure3(images, data.padding_mode), out, "figure3")))
     for fig_id, (label, title, names, needs) in FIGURES.items():
         if any(n in results for n in needs or names):
             caption = f"{label}: {title} (mean over seeds; band: min to max)."
             missing = [n for n in names if n not in results]
             if missing:
                 caption += f" Not drawn, no completed run: {', '.join(missing)}."
-            figures.append((fig_id, caption, save(curves_figure(results, names, title), out,
-                                                  fig_id)))
+            figures.append(Figure(fig_id, caption,
+                                  save(curves_figure(results, names, title), out, fig_id)))
+    return figures
 
-    completed = [r for r in rows if r["n"]]
-    best = max(completed, key=lambda r: r["top1_mean"])["experiment"] if completed else None
-    classes = {}
-    if images is not None and results:
-        classes = {name: per_class(results[name], images)
-                   for name in dict.fromkeys([BASE_EXPERIMENT, best]) if name in results}
-        classes = {k: v for k, v in classes.items() if v is not None}
-    group_word = "superclass" if images is not None and images.superclasses is not None else (
-        "class")
+
+def _classes(results: dict[str, list[Run]], images: ImageSet | None, best: str | None,
+             out: Path, group_word: str, profile: str, figures: list[Figure]) -> dict:
+    """Per-class results of the base and the best model (per_class.csv, per_superclass.csv)
+    and the best one's confusion figure."""
+    if images is None or not results:
+        return {}
+    classes = {name: per_class(results[name], images)
+               for name in dict.fromkeys([BASE_EXPERIMENT, best]) if name in results}
+    classes = {k: v for k, v in classes.items() if v is not None}
     if classes:
         _write_per_class(classes, results, images, out, group_word, profile)
         name, pc = list(classes.items())[-1]
         mark = protocol_mark({r.experiment.profile for r in results[name]})
-        figures.append(("confusion", f"Confusion between {group_word}es, {name} "
-                        "(rows: true, normalised).",
-                        save(confusion_figure(pc["confusion"], pc["groups"],
-                                              f"{name}: {group_word} confusion{mark}"),
-                             out, "confusion")))
-
-    inside = (study_section(results, out, best, log) if inspect
-              else Inside([], [], ["Not inspected (report --no-inspect)."]))
-    index = out / "index.html"
-    index.write_text(page.render(rows, table_head(rows), table_cells(rows), comparisons, figures,
-                                 classes, dataset, root, notes, group_word, without_result,
-                                 inside))
-    return Report(index, sum(len(runs) for runs in results.values()), without_result)
+        figures.append(Figure("confusion", f"Confusion between {group_word}es, {name} "
+                              "(rows: true, normalised).",
+                              save(confusion_figure(pc["confusion"], pc["groups"],
+                                                    f"{name}: {group_word} confusion{mark}"),
+                                   out, "confusion")))
+    return classes

@@ -63,7 +63,7 @@ class Assembly:
 def _wrap(model: nn.Module, exp: Experiment, device: torch.device, ranks: Ranks) -> nn.Module:
     """The stepped module: DDP under torchrun (SyncBatchNorm with --sync-bn), compiled with
     --compile."""
-    cfg = exp.train
+    cfg = exp.execution
     if ranks.world > 1:
         if cfg.sync_bn and device.type != "cuda":
             raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
@@ -82,18 +82,19 @@ def assemble(exp: Experiment, *, model: nn.Module | None = None,
     pretrained weights, unless `checkpoint` restores the training state); or, given `model`,
     that network without data (`steps_per_epoch` then says how long the schedule's epoch is).
     `steps_per_epoch` also shortens the schedule of a run with data (the benchmark's)."""
-    cfg = exp.train
-    ranks, device = init_ranks(resolve_device(cfg.device))
-    amp = autocast_dtype(cfg.precision, device)
-    set_determinism(cfg)
+    cfg, execution = exp.train, exp.execution
+    ranks, device = init_ranks(resolve_device(execution.device))
+    amp = autocast_dtype(execution.precision, device)
+    set_determinism(cfg.seed, execution.deterministic)
     reset_peak_memory(device)
     splits = None
     if model is None:
-        splits = make_splits(exp.data, cfg, device, progress=progress, ranks=ranks)
+        splits = make_splits(exp, device, progress=progress, ranks=ranks)
         model = build_model(exp.model if checkpoint is None else
                             dataclasses.replace(exp.model, pretrained=None),
                             len(splits.images.classes))
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = (torch.channels_last if execution.channels_last
+                     else torch.contiguous_format)
     model = model.to(device, memory_format=memory_format)
     steps = steps_per_epoch or len(splits.train)
     optimizer = make_optimizer(model, cfg)
@@ -107,6 +108,5 @@ def assemble(exp: Experiment, *, model: nn.Module | None = None,
         set_rng_state(checkpoint["rng"])
     parts = Assembly(exp, device, amp, ranks, splits, model, _wrap(model, exp, device, ranks),
                      optimizer, scheduler, scaler, steps, log)
-    parts.step = make_step(parts.model, parts.step_model, optimizer, scheduler, scaler, cfg,
-                           device, amp, steps, ranks.world, log)
+    parts.step = make_step(parts)
     return parts

@@ -13,14 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Experiment, UsageError
+from ..config import RESUMABLE, SECTIONS, Experiment, UsageError
 from ..data.splits import Splits, make_splits
 from ..files import atomic_open, load_tensors
 from ..models import build_model
 from .device import autocast_dtype, resolve_device
-
-# Settings that change how fast a run goes but not what it computes: a resume may change them.
-RUNTIME_FIELDS = {"device", "compile", "cuda_graphs", "eval_batch_size"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,15 +56,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) -> None:
-    """Refuse to resume a run under settings that would change what it computes."""
-    now = exp.to_dict()
-    for section in ("model", "data", "train"):
-        for key, value in now[section].items():
-            old = saved.get(section, {}).get(key)
-            if key not in RUNTIME_FIELDS and old != value:
+    """Refuse to resume a run under settings that would change what it computes: any setting
+    but the execution settings marked RESUMABLE (config.ExecutionConfig)."""
+    try:
+        old = Experiment.from_dict(saved)
+    except (UsageError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: its experiment cannot be read ({e})") from None
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(exp, section)):
+            before, now = getattr(getattr(old, section), f.name), getattr(getattr(exp, section),
+                                                                          f.name)
+            if f.metadata != RESUMABLE and before != now:
                 raise UsageError(
-                    f"{path} was written by experiment {saved.get('name')!r} with {key}={old!r}, "
-                    f"not {value!r}; resume with the same settings or choose another --out")
+                    f"{path} was written by experiment {saved.get('name')!r} with "
+                    f"{f.name}={before!r}, not {now!r}; resume with the same settings or "
+                    "choose another --out")
 
 
 def _mismatch(saved: dict, expected: dict) -> str:
@@ -118,8 +121,8 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
                                                              ("device", device)) if v})
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)
-    target = resolve_device(exp.train.device)
-    splits = make_splits(exp.data, exp.train, target, progress=progress)
+    target = resolve_device(exp.execution.device)
+    splits = make_splits(exp, target, progress=progress)
     model = build_model(exp.model, len(splits.images.classes))
     mismatch = _mismatch(ckpt["model"], model.state_dict())
     if mismatch:  # another width, block, shortcut or number of classes
@@ -127,7 +130,7 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
                          f"{len(splits.images.classes)} classes ({mismatch}); were they "
                          "copied from different runs?")
     model.load_state_dict(ckpt["model"])
-    memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if exp.execution.channels_last else torch.contiguous_format
     model = model.to(target, memory_format=memory_format).eval()
     return LoadedRun(exp, ckpt["epoch"], splits, model, target,
-                     autocast_dtype(exp.train.precision, target))
+                     autocast_dtype(exp.execution.precision, target))

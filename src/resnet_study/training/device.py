@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import TrainConfig, UsageError
+from ..config import UsageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,14 +98,14 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return None
 
 
-def set_determinism(cfg: TrainConfig) -> None:
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.deterministic:
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.deterministic)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 # --- several processes (torchrun) ---------------------------------------------------------

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainConfig, one_line
+from ..config import ExecutionConfig, TrainConfig, one_line
 from .device import autocast
+
+if TYPE_CHECKING:
+    from .assembly import Assembly
 
 GRAPH_WARMUP = 3  # uncaptured steps on a side stream before the capture, as CUDA graphs need
 Step = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, y, grad_scale) -> loss
@@ -113,7 +117,8 @@ def schedule_table(cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
     return torch.tensor(rows, dtype=dtype, device=device)
 
 
-def graph_obstacle(cfg: TrainConfig, device: torch.device, amp, world: int) -> str | None:
+def graph_obstacle(execution: ExecutionConfig, device: torch.device, amp,
+                   world: int) -> str | None:
     """Why this run cannot replay its step as a CUDA graph, or None if it can."""
     if device.type != "cuda":
         return "they need a CUDA device"
@@ -121,7 +126,7 @@ def graph_obstacle(cfg: TrainConfig, device: torch.device, amp, world: int) -> s
         return "not under torchrun (DDP reduces gradients from the host)"
     if amp == torch.float16:
         return "fp16 needs loss scaling, which checks gradients on the host; use bf16"
-    if cfg.compile:
+    if execution.compile:
         return "--compile builds graphs of its own"
     return None
 
@@ -266,21 +271,22 @@ class GraphStep:
         self.log(f"training step captured as a CUDA graph in {self.capture_seconds:.2f} s")
 
 
-def make_step(model: nn.Module, step_model: nn.Module, optimizer, scheduler, scaler,
-              cfg: TrainConfig, device: torch.device, amp, steps_per_epoch: int, world: int,
-              log: Callable[[str], None]) -> Step:
-    """The run's step: a `GraphStep` where `cfg.cuda_graphs` asks for one and the run allows it
-    (else one line says why not), PyTorch's eager step otherwise, on `step_model`, which
+def make_step(parts: Assembly) -> Step:
+    """The run's step: a `GraphStep` where --cuda-graphs asks for one and the run allows it
+    (else one line says why not), PyTorch's eager step otherwise, on `parts.step_model`, which
     `--compile` made a `torch.compile` module.
 
     A compile that fails (no C++ compiler, no Triton, an op it cannot lower) fails inside a step,
     before the optimiser has moved: one line says so, and that step and the rest run on the
     uncompiled module. (Where the backward pass is what fails, batch norm's running statistics
     have seen that one batch twice.)"""
-    if cfg.cuda_graphs:
-        obstacle = graph_obstacle(cfg, device, amp, world)
+    cfg, execution, log = parts.experiment.train, parts.experiment.execution, parts.log
+    device, amp = parts.device, parts.amp
+    optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
+    if execution.cuda_graphs:
+        obstacle = graph_obstacle(execution, device, amp, parts.ranks.world)
         if obstacle is None:
-            return GraphStep(model, optimizer, scheduler, cfg, amp, steps_per_epoch,
+            return GraphStep(parts.model, optimizer, scheduler, cfg, amp, parts.steps_per_epoch,
                              capture=True, log=log)
         log(f"CUDA graphs off: {obstacle}; training eager")
 
@@ -288,9 +294,10 @@ def make_step(model: nn.Module, step_model: nn.Module, optimizer, scheduler, sca
         return lambda x, y, grad_scale=1.0: train_step(module, optimizer, scheduler, scaler, x,
                                                        y, cfg, device, amp, grad_scale)
 
-    if not cfg.compile:
-        return on(step_model)
-    compiled, eager = on(step_model), on(step_model._orig_mod)  # DDP's wrapper, if any
+    if not execution.compile:
+        return on(parts.step_model)
+    # The compiled module and what it compiles (DDP's wrapper, if any).
+    compiled, eager = on(parts.step_model), on(parts.step_model._orig_mod)
     failed = False
 
     def step(x: torch.Tensor, y: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
