@@ -234,3 +234,16 @@ def test_a_run_that_fails_in_a_study_keeps_all_that_was_known_of_it(tmp_path, mo
     assert summary["params"] == 11_181_642 and summary["device"] == "cpu"
     assert summary["precision"] in ("fp32", "bf16") and summary["epochs"] == 1
     assert summary["dataset"] == "synthetic" and summary["settings"].startswith("custom: ")
+
+
+def test_a_config_json_of_an_earlier_version_still_loads():
+    """Before execution settings had a section of their own they were under "train", and
+    config.json held no overrides: such a file loads, its label computed from the presets."""
+    exp = get_experiment("resnet18-adam").replace(epochs=5, device="cpu", eval_batch_size=10)
+    now = exp.to_dict()
+    assert now["execution"]["device"] == "cpu" and "device" not in now["train"]
+    earlier = {k: v for k, v in now.items() if k not in ("execution", "overrides")}
+    earlier["train"] = {**now["train"], **now["execution"]}
+    again = Experiment.from_dict(earlier)
+    assert again == exp and again.execution.eval_batch_size == 10
+    assert again.profile == "custom" and again.overrides() == {"epochs": 5}
