@@ -252,11 +252,9 @@ class Experiment:
         return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
                    group=d.get("group", "paper"),
                    quick=bool(d.get("quick", d.get("profile") == "quick")),
-                   model=_build(ModelConfig, d.get("model", {})),
-                   data=_build(DataConfig, d.get("data", {})),
-                   train=_build(TrainConfig, d.get("train", {})),
-                recorded=({"profile": d["profile"], "overrides": d["overrides"]}
-                          if "overrides" in d and "profile" in d else None))
+                   **_sections(d),
+                   recorded=({"profile": d["profile"], "overrides": d["overrides"]}
+                             if "overrides" in d and "profile" in d else None))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
