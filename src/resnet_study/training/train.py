@@ -89,6 +89,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
             print(f"{exp.name}: {out} is already trained to epoch {exp.train.epochs} of "
                   f"{exp.train.epochs}; nothing to resume", file=sys.stderr, flush=True)
         return finished  # as it was written
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # one progress bar, rank 0's
     # A run that fails before it is assembled (bad data, no weights) has no folder to record
     # in, unless a study asked for its record.
     keep_early_failure, record = record is not None, record or RunRecord(exp, out)
