@@ -126,12 +126,9 @@ class Training:
         self.history: list[dict] = ckpt["history"] if ckpt else []
         self.partial: dict | None = ckpt.get("partial") if ckpt else None
         self.columns = METRICS + (VAL_METRICS if parts.splits.val else [])
-        graph = parts.graph
         record.learn(params=count_params(parts.model), dataset=parts.splits.images.name,
                      device=device_label(parts.device), precision=parts.precision,
-                     processes=parts.ranks.world,
-                     cuda_graph=graph is not None and graph.graph is not None,
-                     capture_seconds=graph.capture_seconds if graph else 0.0)
+                     processes=parts.ranks.world)
         record.learn_history(self.history)
 
     def run(self, observers: Sequence[Observer]) -> dict:
