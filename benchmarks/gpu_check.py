@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import re
 import sys
@@ -62,7 +61,6 @@ def check_graph_step(device: torch.device, name: str, steps: int = 12) -> str:
     rounding, which training on noise amplifies from step to step, stays far below the
     yardstick: how far an eager run moves when one initial weight moves by one float32 ulp."""
     exp = EXPERIMENTS[name]
-    cfg = dataclasses.replace(exp.train, epochs=1)
     torch.manual_seed(0)
     batches = [(torch.randn(64, 3, 32, 32, device=device, dtype=torch.float64)
                 .to(memory_format=torch.channels_last),
@@ -77,8 +75,8 @@ def check_graph_step(device: torch.device, name: str, steps: int = 12) -> str:
                 model.fc.weight[0, 0] *= 1 + 2**-23
         parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)),
                          model=model, steps_per_epoch=steps)
-        step = (steplib.GraphStep(parts.model, parts.optimizer, parts.scheduler, cfg, None, steps,
-                                  capture=device.type == "cuda", log=print) if run == "graph"
+        parts.log = print
+        step = (steplib.GraphStep(parts, capture=device.type == "cuda") if run == "graph"
                 else parts.step)
         for x, y in batches:
             step(x, y)

@@ -12,10 +12,10 @@ from scipy import stats
 from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
 from resnet_study.cli import main
-from resnet_study.config import PAPER
+from resnet_study.config import PAPER, PROTOCOL_NOTES
 from resnet_study.report.figures import curves_figure
 from resnet_study.report.runs import scan
-from resnet_study.report.writer import CUSTOM_NOTE, QUICK_NOTE, report
+from resnet_study.report.writer import report
 from resnet_study.study import plan, run_study
 
 from .helpers import DAMAGES, batch, damage, write_cifar100
@@ -133,9 +133,9 @@ def test_statistics_agree_with_scipy_welch(studies):
 
 def test_quick_study_is_marked_in_every_output(studies):
     out = studies[True] / "report"
-    assert QUICK_NOTE in (out / "table1.md").read_text()
-    assert QUICK_NOTE in (out / "table1.tex").read_text()
-    assert html.escape(QUICK_NOTE) in (out / "index.html").read_text()
+    assert PROTOCOL_NOTES["quick"] in (out / "table1.md").read_text()
+    assert PROTOCOL_NOTES["quick"] in (out / "table1.tex").read_text()
+    assert html.escape(PROTOCOL_NOTES["quick"]) in (out / "index.html").read_text()
     assert {r["profile"] for r in read_csv(out / "table1.csv")} == {"quick", "literature"}
     for name in ("per_class.csv", "per_superclass.csv"):
         assert {r["profile"] for r in read_csv(out / name)} == {"quick"}
@@ -258,10 +258,11 @@ def test_runs_off_the_papers_protocol_are_marked_with_their_overrides(studies):
         assert rows[name]["settings"] == "custom: epochs=2, batch_size=64"
         assert rows[name]["difference"] == ""  # never set against the paper's 25 epochs
         assert rows[name]["paper_top1"]  # the paper's number still stands beside it
-    assert CUSTOM_NOTE in (out / "table1.md").read_text()
+    assert PROTOCOL_NOTES["custom"] in (out / "table1.md").read_text()
     assert r"custom: epochs=2, batch\_size=64" in (out / "table1.tex").read_text()
     page = (out / "index.html").read_text()
-    assert html.escape(CUSTOM_NOTE) in page and "custom: epochs=2, batch_size=64" in page
+    assert html.escape(PROTOCOL_NOTES["custom"]) in page
+    assert "custom: epochs=2, batch_size=64" in page
     assert {r["profile"] for r in read_csv(out / "statistics.csv")} == {"custom"}
     header = read_csv(out / "per_class.csv")[0]
     assert "resnet18-lr0.01 [custom: epochs=2, batch_size=64]" in header

@@ -15,14 +15,20 @@ MULTISTEP = TrainConfig(epochs=2, lr=0.01, nesterov=True, weight_decay=5e-4,
                         schedule="multistep", milestones=(1,), gamma=0.2, warmup_steps=2)
 
 
-def setup(cfg: TrainConfig, state: dict | None = None):
+def setup(cfg: TrainConfig, state: dict | None = None, **execution):
+    """A run of `cfg` on a float64 ResNet-18 (from `state`, else from seed 0), batches brought
+    by the test."""
     torch.manual_seed(0)
     model = ResNet18(ModelConfig(), num_classes=10).double()
     if state is not None:
         model.load_state_dict(state)
-    optimizer = steplib.make_optimizer(model, cfg)
-    scheduler = steplib.make_scheduler(optimizer, cfg, STEPS_PER_EPOCH)
-    return model, optimizer, scheduler
+    exp = Experiment("test", "", train=cfg, execution=ExecutionConfig(
+        device="cpu", precision="fp32", channels_last=False, **execution))
+    return assemble(exp, model=model, steps_per_epoch=STEPS_PER_EPOCH)
+
+
+def trained(parts) -> tuple:
+    return parts.model, parts.optimizer, parts.scheduler
 
 
 def batches(n: int, size: int = 8):
@@ -32,25 +38,21 @@ def batches(n: int, size: int = 8):
 
 
 def eager_run(cfg: TrainConfig, data) -> tuple:
-    model, optimizer, scheduler = setup(cfg)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    parts = setup(cfg)
     seen = []
     for x, y in data:
-        group = optimizer.param_groups[0]
+        group = parts.optimizer.param_groups[0]
         seen.append((group["lr"], group["momentum"] if "momentum" in group else group["betas"][0]))
-        steplib.train_step(model, optimizer, scheduler, scaler, x, y, cfg, torch.device("cpu"),
-                           None)
-    return model, optimizer, scheduler, seen
+        steplib.train_step(parts, parts.model, x, y)
+    return (*trained(parts), seen)
 
 
-def graph_ready_run(cfg: TrainConfig, data, model=None, optimizer=None, scheduler=None):
-    if model is None:
-        model, optimizer, scheduler = setup(cfg)
-    step = steplib.GraphStep(model, optimizer, scheduler, cfg, None, STEPS_PER_EPOCH,
-                             capture=False, log=print)
+def graph_ready_run(cfg: TrainConfig, data, parts=None):
+    parts = parts or setup(cfg)
+    step = steplib.GraphStep(parts, capture=False)
     for x, y in data:
         step(x, y)
-    return model, optimizer, scheduler
+    return trained(parts)
 
 
 def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
@@ -117,10 +119,10 @@ def test_graph_ready_step_resumes_from_saved_state(cfg):
     data = batches(2 * STEPS_PER_EPOCH)
     straight = graph_ready_run(cfg, data)
     first = graph_ready_run(cfg, data[:STEPS_PER_EPOCH])
-    model, optimizer, scheduler = setup(cfg, first[0].state_dict())
-    optimizer.load_state_dict(first[1].state_dict())
-    scheduler.load_state_dict(first[2].state_dict())
-    resumed = graph_ready_run(cfg, data[STEPS_PER_EPOCH:], model, optimizer, scheduler)
+    parts = setup(cfg, first[0].state_dict())
+    parts.optimizer.load_state_dict(first[1].state_dict())
+    parts.scheduler.load_state_dict(first[2].state_dict())
+    resumed = graph_ready_run(cfg, data[STEPS_PER_EPOCH:], parts)
     assert_same_training(straight, resumed, rtol=0, atol=0)
 
 
@@ -137,17 +139,17 @@ def test_a_failed_capture_says_so_once_and_training_goes_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", capture_refused)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
-    model, optimizer, scheduler = setup(cfg)
+    parts = setup(cfg)
     lines = []
-    step = steplib.GraphStep(model, optimizer, scheduler, cfg, None, STEPS_PER_EPOCH,
-                             capture=True, log=lines.append)
+    parts.log = lines.append
+    step = steplib.GraphStep(parts, capture=True)
     step.warmup = 0  # the side-stream warm-up needs CUDA; the capture is what is tested
     for x, y in data:
         step(x, y)
     assert len(lines) == 1 and lines[0].startswith("CUDA graph capture failed (Refused: ")
     assert lines[0].endswith("; training eager")
     assert step.graph is None and not step.capture
-    assert_same_training(eager_run(cfg, data), (model, optimizer, scheduler))
+    assert_same_training(eager_run(cfg, data), trained(parts))
 
 
 def test_a_failed_compile_says_so_once_and_training_goes_on():
@@ -159,20 +161,16 @@ def test_a_failed_compile_says_so_once_and_training_goes_on():
     def no_compiler(graph, inputs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nsee the docs")
 
-    model, optimizer, scheduler = setup(cfg)
+    parts = setup(cfg, compile=True)
     lines = []
-    parts = assemble(Experiment("compiled", "", train=cfg,
-                                execution=ExecutionConfig(device="cpu", precision="fp32",
-                                                          channels_last=False, compile=True)),
-                     model=model, steps_per_epoch=STEPS_PER_EPOCH, log=lines.append)
-    parts.optimizer, parts.scheduler = optimizer, scheduler  # the state the eager run starts from
-    parts.step_model = torch.compile(model, backend=no_compiler)
+    parts.log = lines.append
+    parts.step_model = torch.compile(parts.model, backend=no_compiler)
     step = steplib.make_step(parts)
     for x, y in data:
         step(x, y)
     assert lines == ["torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ "
                      "compiler found see the docs); training eager"]
-    assert_same_training(eager_run(cfg, data), (model, optimizer, scheduler), rtol=0, atol=0)
+    assert_same_training(eager_run(cfg, data), trained(parts), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("change, obstacle", [

@@ -85,9 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproduce and extend the improved ResNet-18 CIFAR-100 study.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+    _add_experiments(sub)
+    _add_train(sub)
+    _add_study(sub)
+    _add_report(sub)
+    _add_bench(sub)
+    _add_inspect(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _add_experiments(sub) -> None:
     p = sub.add_parser("experiments", help="list the paper's experiments")
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one experiment",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment", help="experiment name (see `resnet-study experiments`)")
@@ -96,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
     add_config_flags(p)
 
+
+def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run experiments x seeds into one directory (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiments", nargs="*", help="experiment names (or --all)")
@@ -114,12 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: 1 on a CPU, as many as fit on a GPU (up to 4)")
     add_config_flags(p)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="Table 1, figures and statistics of a study")
     p.add_argument("study_dir", type=Path)
     p.add_argument("--no-inspect", dest="inspect", action="store_false",
                    help="leave out the section on the inside of the models (each completed run "
                         "with a checkpoint is otherwise inspected, once)")
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="images/s of the training loop against the bare step "
                        "and the usual torchvision pipeline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -132,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_config_flags(p)  # --data defaults to synthetic here: speed does not depend on pixels
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="feature maps, filters, Grad-CAM, activation statistics "
                        "and a t-SNE map of a trained run, into RUN_DIR/inspect/",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -142,12 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device (default: the run's)")
     p.add_argument("--json", action="store_true")
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="re-evaluate a run's checkpoint on the test set")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", help="data to evaluate on (default: the run's)")
     p.add_argument("--device", help="device (default: the run's)")
     p.add_argument("--json", action="store_true")
-    return parser
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
 """Typed, validated configuration and the paper's experiments as data.
 
-A run is fully described by three frozen dataclasses: what network (`ModelConfig`), what
-images (`DataConfig`) and how to train (`TrainConfig`). Each validates itself on
-construction, so a bad value fails before any data is read or any file is written.
-The twelve rows of the paper's Table 1 live in `experiments.toml` beside this file, as
-overrides of the defaults below; read that file to see every choice and its reason.
+A run is fully described by four frozen dataclasses: what network (`ModelConfig`), what
+images (`DataConfig`), how to train (`TrainConfig`), and how and where it executes
+(`ExecutionConfig`, never part of the protocol). Each validates itself on construction, so a
+bad value fails before any data is read or any file is written. The twelve rows of the
+paper's Table 1 live in `experiments.toml` beside this file, as overrides of the defaults
+below; read that file to see every choice and its reason. The protocol label every output
+gives a run is computed here too (`Experiment.settings` and the section at the end).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -237,7 +240,7 @@ class Experiment:
         return self.profile + (f": {changed}" if changed else "")
 
     @property
-    def protocol_note(self) -> str:
+    def log_mark(self) -> str:
         """What a run's log says when it is not the paper's protocol, naming the departures."""
         return "" if self.profile == "paper" else f" [{self.settings}; not the paper's protocol]"
 
@@ -328,6 +331,54 @@ BASE_EXPERIMENT = "resnet18-lr0.01"
 GROUPS: dict[str, list[str]] = {}  # experiment names by group, in experiments.toml's order
 for _name, _exp in EXPERIMENTS.items():
     GROUPS.setdefault(_exp.group, []).append(_name)
+
+
+# --- The protocol label ------------------------------------------------------------------------
+# Every output names a run's protocol from here: a run's own label is `Experiment.profile` and
+# `.settings` (recorded in its config.json); what follows labels runs shown together.
+
+PROTOCOL_NOTES = {
+    "quick": "QUICK profile: few epochs on a subset. A smoke test of the pipeline, not the "
+             "paper's protocol; do not compare with the paper's numbers.",
+    "custom": "Rows whose settings are not 'paper' ran with settings other than their "
+              "experiment's preset (named in the Settings column): not the paper's protocol, "
+              "so no difference from the paper's number is given for them."}
+TITLE_MARKS = {"paper": "", "quick": " [QUICK profile]",
+               "custom": " [custom settings, not the paper's protocol]"}
+# The literature row each literature experiment re-measures, and under which recipe.
+LITERATURE = {lit[recipe]: (lit, label) for lit in PAPER["literature"]
+              for recipe, label in (("published", "published recipe"),
+                                    ("paper_recipe", "paper's protocol"))}
+
+
+def combined_profile(profiles: Iterable[str]) -> str:
+    """The profile of several runs shown together: quick if any is, else custom if any is."""
+    profiles = set(profiles)
+    return "quick" if "quick" in profiles else "custom" if "custom" in profiles else "paper"
+
+
+def combined_settings(experiments: Iterable[Experiment]) -> str:
+    """The settings of an experiment's runs (normally one; several if the runs disagree)."""
+    return "; ".join(sorted({e.settings for e in experiments}))
+
+
+def title_mark(profiles: Iterable[str]) -> str:
+    """The suffix of a figure's title drawn from runs off the paper's protocol."""
+    return TITLE_MARKS[combined_profile(profiles)]
+
+
+def protocol_notes(profiles: Iterable[str]) -> list[str]:
+    """The warnings a table or page of runs with these profiles carries."""
+    profiles = set(profiles)
+    return [note for profile, note in PROTOCOL_NOTES.items() if profile in profiles]
+
+
+def settings_cell(experiment: str, settings: str) -> str:
+    """Table 1's Settings cell. A literature experiment run as its preset says is named by the
+    recipe it re-measures rather than "paper"."""
+    if experiment in LITERATURE and settings == "paper":
+        return LITERATURE[experiment][1]
+    return settings
 
 
 def get_experiment(name: str) -> Experiment:

@@ -249,6 +249,19 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     root = Path(os.path.commonpath([r.out.parent.parent for r in todo]))
     images, on_cpu = prepare(todo, root, devices)
     log(plan_line)
+    devices = _worker_devices(todo, devices, runs_per_device, images, log)
+    news = _Progress(todo, outcomes, Clock(todo, images, max(1, len(devices or []))), on_cpu, log)
+    if devices:
+        _run_in_workers(todo, devices, news)
+    else:
+        for run in todo:
+            news.finished(run, execute(run, on_epoch=news.first_epoch))
+    return outcomes
+
+
+def _worker_devices(todo: list[Run], devices: list[str] | None, runs_per_device: int | None,
+                    images: dict[str, ImageSet], log) -> list[str] | None:
+    """One entry per worker process, each naming its device; None: run here, one at a time."""
     if runs_per_device is None:
         runs_per_device, why = auto_runs_per_device(
             (devices or [todo[0].experiment.execution.device])[0], todo, images)
@@ -257,59 +270,66 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
                 "--runs-per-device N overrides)")
     if runs_per_device > 1:
         devices = devices or [todo[0].experiment.execution.device]
-    if devices:
-        devices = [d for d in devices for _ in range(runs_per_device)]
-    workers = max(1, len(devices or []))
-    clock = Clock(todo, images, workers)
-    done = 0
+    return [d for d in devices for _ in range(runs_per_device)] if devices else None
 
-    def first_epoch(run: Run, row: dict) -> None:
-        total = clock.first_epoch(run, row)
+
+@dataclasses.dataclass
+class _Progress:
+    """What the study says as its runs go: the whole study's estimate after a first epoch, and
+    each run's outcome with what is left."""
+
+    todo: list[Run]
+    outcomes: dict[str, list[str]]
+    clock: Clock
+    on_cpu: bool
+    log: Callable[[str], None]
+    done: int = 0
+
+    def first_epoch(self, run: Run, row: dict) -> None:
+        total = self.clock.first_epoch(run, row)
         if total is None:
             return
-        log(f"study: about {_duration(total)} in all on this machine ({run.label} about "
-            f"{_duration(clock.estimate(run))}), from its first epoch ({row['epoch_seconds']:.1f} "
-            "s)")
-        if total > 3600 and on_cpu:
-            log("study: that is long on a CPU: add --quick for a short try of every experiment "
-                "(not the paper's protocol), or run it on a GPU (README, 'Speed')")
+        self.log(f"study: about {_duration(total)} in all on this machine ({run.label} about "
+                 f"{_duration(self.clock.estimate(run))}), from its first epoch "
+                 f"({row['epoch_seconds']:.1f} s)")
+        if total > 3600 and self.on_cpu:
+            self.log("study: that is long on a CPU: add --quick for a short try of every "
+                     "experiment (not the paper's protocol), or run it on a GPU (README, "
+                     "'Speed')")
 
-    def progress(run: Run, summary: dict) -> None:
-        nonlocal done
-        done += 1
-        outcomes[summary["status"]].append(run.label)
-        left = clock.finished(run)
-        running = min(workers, len(todo) - done)
-        failed = len(outcomes["failed"]) + len(outcomes["diverged"])
+    def finished(self, run: Run, summary: dict) -> None:
+        self.done += 1
+        self.outcomes[summary["status"]].append(run.label)
+        left = self.clock.finished(run)
+        running = min(self.clock.workers, len(self.todo) - self.done)
+        failed = len(self.outcomes["failed"]) + len(self.outcomes["diverged"])
         note = f" ({summary.get('error', '')})" if summary["status"] == "failed" else ""
-        eta = f", ~{_duration(left)} left" if left is not None and done < len(todo) else ""
-        log(f"study: {run.label} {summary['status']}{note} | {done}/{len(todo)} done, "
-            f"{running} running, {failed} failed{eta}")
+        eta = (f", ~{_duration(left)} left"
+               if left is not None and self.done < len(self.todo) else "")
+        self.log(f"study: {run.label} {summary['status']}{note} | {self.done}/{len(self.todo)} "
+                 f"done, {running} running, {failed} failed{eta}")
 
-    if devices:
-        ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        queue, epochs = ctx.Queue(), ctx.Queue()
-        for d in devices:
-            queue.put(d)
-        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue, epochs)) as pool:
-            pending: dict[Future, Run] = {pool.submit(_execute_on_worker_device, r): r
-                                          for r in todo}
-            while pending:
-                finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
-                while not epochs.empty():
-                    first_epoch(*epochs.get())
-                for f in finished:
-                    run = pending.pop(f)
-                    try:
-                        summary = f.result()
-                    except Exception as e:  # the worker itself died (e.g. killed for memory)
-                        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                    progress(run, summary)
-    else:
-        for run in todo:
-            progress(run, execute(run, on_epoch=first_epoch))
-    return outcomes
+
+def _run_in_workers(todo: list[Run], devices: list[str], news: _Progress) -> None:
+    """Each run in a worker process holding one of `devices`, as many at once as there are."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    queue, epochs = ctx.Queue(), ctx.Queue()
+    for d in devices:
+        queue.put(d)
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
+                             initargs=(queue, epochs)) as pool:
+        pending: dict[Future, Run] = {pool.submit(_execute_on_worker_device, r): r for r in todo}
+        while pending:
+            finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
+            while not epochs.empty():
+                news.first_epoch(*epochs.get())
+            for f in finished:
+                run = pending.pop(f)
+                try:
+                    summary = f.result()
+                except Exception as e:  # the worker itself died (e.g. killed for memory)
+                    summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                news.finished(run, summary)
 
 
 def _duration(seconds: float) -> str:

@@ -227,16 +227,52 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
                 device: str | None = None, progress: bool = False) -> dict:
     """Write `run_dir/inspect/` (everything is read and checked before anything is written);
     returns its summary, also written as inspect/summary.json."""
-    from sklearn.manifold import TSNE
-
     if images < 2:
         raise UsageError(f"--images must be >= 2, not {images}")
     start = time.perf_counter()
     run = load_run(Path(run_dir), data, device, progress=progress)
-    name, classes = run.experiment.name, run.splits.images.classes
     test = run.splits.test
     sample = sample_test_images(test.num_images, min(images, test.num_images))
-    n = len(sample)
+    seen = look(run, sample)
+    out = Path(run_dir) / "inspect"
+    out.mkdir(exist_ok=True)
+    _write_figures(out, run, seen)
+    write_csv(out / "activations.csv", seen.rows, STAT_COLUMNS)
+    with atomic_open(out / "embedding.csv") as f:
+        np.savetxt(f, np.column_stack([seen.xy, seen.labels, seen.predicted]), delimiter=",",
+                   header="x,y,label,predicted", comments="", fmt=["%.4f", "%.4f", "%d", "%d"])
+    summary = {"run": str(run_dir), "experiment": run.experiment.name, "epoch": run.epoch,
+               "data": run.splits.images.name, "images": len(sample),
+               "grid_images": sample[seen.grid].tolist(),
+               "cam_layer": seen.layer, "cam_layer_reason": seen.layer_reason,
+               "accuracy_on_these_images": float((seen.predicted == seen.labels).mean()),
+               "seconds": time.perf_counter() - start}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+@dataclass
+class Seen:
+    """What one pass over a run's sampled test images found, ready to be drawn."""
+
+    labels: np.ndarray  # per sampled image
+    predicted: np.ndarray
+    grid: np.ndarray  # positions in the sample of the picture grid
+    picks: dict[str, np.ndarray]  # correct, wrong: positions of Grad-CAM's images
+    pictures: dict[str, np.ndarray]  # uint8 NHWC: the grid, the correct and the wrong picks
+    maps: dict[str, np.ndarray]  # per stage: the grid's feature maps
+    layer: str  # Grad-CAM's
+    layer_reason: str
+    cams: dict[str, np.ndarray]  # correct, wrong: (N, H, W) in 0..1
+    rows: list[dict]  # activation statistics per block (STAT_COLUMNS)
+    xy: np.ndarray  # the t-SNE map of the penultimate features
+
+
+def look(run: LoadedRun, sample: np.ndarray) -> Seen:
+    """Everything `inspect` draws, for the images at `sample` of the run's test set."""
+    from sklearn.manifold import TSNE
+
+    test = run.splits.test
 
     def at(positions: np.ndarray) -> torch.Tensor:
         """The uint8 NHWC images at these positions of the sample."""
@@ -250,41 +286,37 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
     cams = {kind: grad_cam(run, layer, test.normalize(at(idx)),
                            torch.as_tensor(p.predicted[idx], device=test.device))
             if len(idx) else np.zeros((0, 32, 32)) for kind, idx in picks.items()}
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3),
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(sample) - 1) / 3),
               random_state=0).fit_transform(p.features)
-    rows = [s.row(block) for block, s in p.stats.items()]
-    fine_to_group, group_names = run.splits.images.groups()
+    return Seen(labels=p.labels, predicted=p.predicted, grid=grid, picks=picks,
+                pictures={kind: at(idx).cpu().numpy()
+                          for kind, idx in {"grid": grid, **picks}.items()},
+                maps={stage: maps.numpy() for stage, maps in p.maps.items()},
+                layer=layer, layer_reason=why, cams=cams,
+                rows=[s.row(block) for block, s in p.stats.items()], xy=xy)
 
-    out = Path(run_dir) / "inspect"
-    out.mkdir(exist_ok=True)
-    for stage, maps in p.maps.items():  # pictures: PNG alone
-        save(figures.feature_map_figure(at(grid).cpu().numpy(), maps.numpy(), GRID_CHANNELS,
+
+def _write_figures(out: Path, run: LoadedRun, seen: Seen) -> None:
+    """Pictures as PNG alone; plots as PNG and SVG."""
+    name, classes = run.experiment.name, run.splits.images.classes
+    for stage, maps in seen.maps.items():
+        save(figures.feature_map_figure(seen.pictures["grid"], maps, GRID_CHANNELS,
                                         f"{name}: {stage} feature maps"),
              out, f"feature_maps_{stage}", svg=False)
     save(figures.filter_figure(run.model.conv1.weight.detach().float().cpu().numpy(), name),
          out, "stem_filters", svg=False)
-    for kind, idx in picks.items():
-        save(figures.cam_figure(at(idx).cpu().numpy(), cams[kind],
-                                [classes[i] for i in p.labels[idx]],
-                                [classes[i] for i in p.predicted[idx]],
-                                f"{name}: Grad-CAM on {layer}, {kind} predictions (red: most "
-                                "weight for the predicted class)"),
+    for kind, idx in seen.picks.items():
+        save(figures.cam_figure(seen.pictures[kind], seen.cams[kind],
+                                [classes[i] for i in seen.labels[idx]],
+                                [classes[i] for i in seen.predicted[idx]],
+                                f"{name}: Grad-CAM on {seen.layer}, {kind} predictions (red: "
+                                "most weight for the predicted class)"),
              out, f"cam_{kind}", svg=False)
-    write_csv(out / "activations.csv", rows, STAT_COLUMNS)
-    save(figures.activations_figure({name: rows}, f"{name}: activations per block ({n} test "
-                                                  "images)"), out, "activations")
-    save(figures.embedding_figure(xy, fine_to_group[p.labels], group_names, p.labels,
-                                  p.predicted, classes,
+    save(figures.activations_figure({name: seen.rows}, f"{name}: activations per block "
+                                                       f"({len(seen.labels)} test images)"),
+         out, "activations")
+    fine_to_group, group_names = run.splits.images.groups()
+    save(figures.embedding_figure(seen.xy, fine_to_group[seen.labels], group_names, seen.labels,
+                                  seen.predicted, classes,
                                   f"{name}: penultimate features and per-class accuracy"),
          out, "embedding")
-    with atomic_open(out / "embedding.csv") as f:
-        np.savetxt(f, np.column_stack([xy, p.labels, p.predicted]), delimiter=",",
-                   header="x,y,label,predicted", comments="", fmt=["%.4f", "%.4f", "%d", "%d"])
-    summary = {"run": str(run_dir), "experiment": name, "epoch": run.epoch,
-               "data": run.splits.images.name, "images": n,
-               "grid_images": sample[grid].tolist(),
-               "cam_layer": layer, "cam_layer_reason": why,
-               "accuracy_on_these_images": float((p.predicted == p.labels).mean()),
-               "seconds": time.perf_counter() - start}
-    write_json(out / "summary.json", summary)
-    return summary

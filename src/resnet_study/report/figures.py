@@ -8,10 +8,11 @@ from typing import NamedTuple
 import matplotlib.ticker
 import numpy as np
 
+from ..config import title_mark
 from ..data.loader import PAD, DeviceLoader, normalization
 from ..data.sources import ImageSet
 from ..plots import plt
-from .runs import Run, combined_profile
+from .runs import Run
 
 
 class Panel(NamedTuple):
@@ -49,12 +50,6 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
 }
 
 
-def protocol_mark(profiles: set[str]) -> str:
-    """The title suffix of a figure drawn from runs off the paper's protocol."""
-    return {"quick": " [QUICK profile]", "custom": " [custom settings, not the paper's protocol]",
-            "paper": ""}[combined_profile(profiles)]
-
-
 def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
     """Train and validation loss, and top-1, per epoch: mean over seeds, min-max band. A legend
     entry names its runs' departures from the preset."""
@@ -88,7 +83,7 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
     if handles:  # below the panels, where long labels (overrides) cover no curve
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=min(len(labels), 2), fontsize=8, frameon=False)
-    fig.suptitle(title + protocol_mark(profiles))
+    fig.suptitle(title + title_mark(profiles))
     return fig
 
 

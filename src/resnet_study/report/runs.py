@@ -63,11 +63,6 @@ def scan(root: Path) -> tuple[dict[str, list[Run]], list[dict]]:
     return {name: found[name] for name in paper_order(found)}, without
 
 
-def combined_profile(profiles: set[str]) -> str:
-    """The profile of several runs shown together: quick if any is, else custom if any is."""
-    return "quick" if "quick" in profiles else "custom" if "custom" in profiles else "paper"
-
-
 def paper_order(names) -> list[str]:
     order = list(EXPERIMENTS)
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))

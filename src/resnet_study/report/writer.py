@@ -1,7 +1,7 @@
 """Table 1, the paper's figures and the statistics it lacked, from a study directory.
 
 Everything is computed from the runs' own files (summary.json, metrics.csv, predictions.npz,
-read by `results`); only completed runs count, and every other run is listed with its reason.
+read by `runs`); only completed runs count, and every other run is listed with its reason.
 A run that departs from the paper's protocol (`--quick`, or any overridden setting) is marked
 as such, with its overrides named, in every output, and is not compared with the paper.
 """
@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ..config import BASE_EXPERIMENT, EXPERIMENTS, PAPER, UsageError
+from ..config import (
+    BASE_EXPERIMENT,
+    EXPERIMENTS,
+    LITERATURE,
+    PAPER,
+    UsageError,
+    combined_profile,
+    combined_settings,
+    protocol_notes,
+    settings_cell,
+    title_mark,
+)
 from ..data.sources import ImageSet
 from ..data.store import load_images
 from ..plots import Figure, save
@@ -27,16 +38,11 @@ from .figures import (
     curves_figure,
     figure2,
     figure3,
-    protocol_mark,
 )
 from .inside import Inside, study_section
-from .page import CUSTOM_NOTE, QUICK_NOTE
-from .runs import Run, combined_profile, paper_order, scan
+from .runs import Run, paper_order, scan
 
-# The literature row each literature experiment re-measures, and under which recipe.
-LITERATURE = {lit[recipe]: (lit, label) for lit in PAPER["literature"]
-              for recipe, label in (("published", "published recipe"),
-                                    ("paper_recipe", "paper's protocol"))}
+
 @dataclass
 class Report:
     index: Path  # the page
@@ -51,8 +57,7 @@ def _minutes(seconds: float) -> str:
 # --- Table 1 ----------------------------------------------------------------------------------
 
 def _settings(runs: list[Run]) -> str:
-    """The settings of an experiment's runs (normally one; several if the runs disagree)."""
-    return "; ".join(sorted({r.experiment.settings for r in runs}))
+    return combined_settings(r.experiment for r in runs)
 
 
 def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -> list[dict]:
@@ -90,13 +95,6 @@ def unmeasured_literature(rows: list[dict]) -> list[dict]:
             if not {lit["published"], lit["paper_recipe"]} & names]
 
 
-def _settings_cell(r: dict) -> str:
-    """A literature experiment run as its preset says is named by its recipe, not "paper"."""
-    if r["experiment"] in LITERATURE and r["settings"] == "paper":
-        return LITERATURE[r["experiment"]][1]
-    return r["settings"]
-
-
 def table_cells(rows: list[dict]) -> list[list[str]]:
     """Table 1 as text cells: the measured rows (literature rows with their measurements), then
     the literature rows the study did not re-measure, with the paper's number alone."""
@@ -110,7 +108,7 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
                       f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff,
-                      _settings_cell(r)])
+                      settings_cell(r["experiment"], r["settings"])])
     return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", "",
                      "literature (not re-measured)"] for lit in unmeasured_literature(rows)]
 
@@ -125,9 +123,8 @@ def table_head(rows: list[dict]) -> list[str]:
 
 def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
     profiles = {r["profile"] for r in rows}
-    note = f"{QUICK_NOTE} " if "quick" in profiles else ""
-    note += f"{CUSTOM_NOTE} " if "custom" in profiles else ""
-    note += f"Measured on {dataset}; the paper's column is CIFAR-100."
+    note = " ".join([*protocol_notes(profiles),
+                     f"Measured on {dataset}; the paper's column is CIFAR-100."])
     columns = ["experiment", "row", "params", "epochs", "train_seconds", "top1_mean", "top1_std",
                "n", "paper_top1", "difference", "profile", "settings"]
     with open(out / "table1.csv", "w", newline="") as f:
@@ -342,7 +339,7 @@ def _classes(results: dict[str, list[Run]], images: ImageSet | None, best: str |
     if classes:
         _write_per_class(classes, results, images, out, group_word, profile)
         name, pc = list(classes.items())[-1]
-        mark = protocol_mark({r.experiment.profile for r in results[name]})
+        mark = title_mark({r.experiment.profile for r in results[name]})
         figures.append(Figure("confusion", f"Confusion between {group_word}es, {name} "
                               "(rows: true, normalised).",
                               save(confusion_figure(pc["confusion"], pc["groups"],

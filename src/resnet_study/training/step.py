@@ -71,25 +71,26 @@ def clip_gradients(model: nn.Module, cfg: TrainConfig) -> None:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
 
 
-def train_step(model, optimizer, scheduler, scaler, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device, amp,
+def train_step(parts: Assembly, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                grad_scale: float = 1.0) -> torch.Tensor:
-    """One optimisation step; returns the batch's mean loss as a device tensor (no host sync).
+    """One optimisation step of `parts`' optimiser through `module` (its network, wrapped or
+    compiled); returns the batch's mean loss as a device tensor (no host sync).
 
     Under DDP, which averages gradients over ranks, `grad_scale` = world x share / global batch
     makes that average the gradient of the global batch's mean loss, whatever the shares.
     """
-    with autocast(device, amp):
-        logits = model(x)
+    cfg, optimizer, scaler = parts.experiment.train, parts.optimizer, parts.scaler
+    with autocast(parts.device, parts.amp):
+        logits = module(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * grad_scale).backward()
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
-        clip_gradients(model, cfg)
+        clip_gradients(module, cfg)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    parts.scheduler.step()
     return loss.detach()
 
 
@@ -139,27 +140,25 @@ class GraphStep:
     run uncaptured. A capture that fails says so in one line and leaves the run uncaptured,
     never stopped."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, amp,
-                 steps_per_epoch: int, capture: bool, log: Callable[[str], None]) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.cfg, self.amp, self.log = cfg, amp, log
-        self.params = list(model.parameters())
+    def __init__(self, parts: Assembly, capture: bool) -> None:
+        self.parts = parts
+        self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
+        self.cfg, self.amp, self.log = parts.experiment.train, parts.amp, parts.log
+        self.params = list(self.model.parameters())
         self.device = self.params[0].device
-        self.table = schedule_table(cfg, steps_per_epoch, self.device, self.params[0].dtype)
-        self.index = torch.tensor([scheduler.last_epoch], device=self.device)  # the next row
+        self.table = schedule_table(self.cfg, parts.steps_per_epoch, self.device,
+                                    self.params[0].dtype)
+        self.index = torch.tensor([self.scheduler.last_epoch], device=self.device)  # next row
         self.capture = capture
         self.warmup = GRAPH_WARMUP
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
         self.capture_seconds = 0.0
-        self.no_scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # never fp16
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
         """The batch's mean loss, as a device tensor valid until the next step."""
         if not self._has_state():  # a new run: PyTorch's first step creates the optimiser state
-            loss = train_step(self.model, self.optimizer, self.scheduler, self.no_scaler, x, y,
-                              self.cfg, self.device, self.amp)
+            loss = train_step(self.parts, self.model, x, y)
             self.index += 1
             return loss
         if self.capture and self.graph is None and self.warmup == 0:
@@ -280,19 +279,15 @@ def make_step(parts: Assembly) -> Step:
     before the optimiser has moved: one line says so, and that step and the rest run on the
     uncompiled module. (Where the backward pass is what fails, batch norm's running statistics
     have seen that one batch twice.)"""
-    cfg, execution, log = parts.experiment.train, parts.experiment.execution, parts.log
-    device, amp = parts.device, parts.amp
-    optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
+    execution, log = parts.experiment.execution, parts.log
     if execution.cuda_graphs:
-        obstacle = graph_obstacle(execution, device, amp, parts.ranks.world)
+        obstacle = graph_obstacle(execution, parts.device, parts.amp, parts.ranks.world)
         if obstacle is None:
-            return GraphStep(parts.model, optimizer, scheduler, cfg, amp, parts.steps_per_epoch,
-                             capture=True, log=log)
+            return GraphStep(parts, capture=True)
         log(f"CUDA graphs off: {obstacle}; training eager")
 
     def on(module: nn.Module) -> Step:
-        return lambda x, y, grad_scale=1.0: train_step(module, optimizer, scheduler, scaler, x,
-                                                       y, cfg, device, amp, grad_scale)
+        return lambda x, y, grad_scale=1.0: train_step(parts, module, x, y, grad_scale)
 
     if not execution.compile:
         return on(parts.step_model)

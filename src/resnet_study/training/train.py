@@ -138,7 +138,7 @@ class Training:
             for stale in self.out.glob(".*.tmp"):  # left by a process killed inside a write
                 stale.unlink()
             write_json(self.out / "config.json", exp.to_dict())
-        parts.log(f"{exp.name}{exp.protocol_note}: {self.record.facts['params']:,} parameters, "
+        parts.log(f"{exp.name}{exp.log_mark}: {self.record.facts['params']:,} parameters, "
                   f"{parts.splits.train.num_images:,} training images "
                   f"({parts.splits.images.name}), {parts.device.type}, {parts.precision}, "
                   f"epochs {self.start_epoch + 1}-{exp.train.epochs} of {exp.train.epochs}")
