@@ -20,9 +20,12 @@ run: $(STAMP)
 	if [ $$status -eq 2 ]; then exit 2; fi; \
 	$(BIN)/resnet-study report runs/study && exit $$status
 
+# Two workers, one thread each, a test file per worker at a time (module fixtures built once):
+# most of the suite is process start-up and plotting, which one core does alone, and two torch
+# thread pools on two cores would only fight.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q --durations=12
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
 
 # The tests marked `precision` once more each way: `auto` as on a CPU without native bf16 (fp32)
 # and as on one with it (bf16), whatever this CPU is. CI runs it after `make test`.

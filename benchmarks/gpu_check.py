@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -55,16 +56,16 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
-def check_graph_step(device: torch.device, name: str, steps: int = 12) -> str:
+def check_graph_step(device: torch.device, name: str, steps: int = 12, batch: int = 64) -> str:
     """The step replayed as a CUDA graph against PyTorch's eager step, from one initialisation
     on the same batches (on a CPU the graph-ready step runs uncaptured). In float64, so that
     rounding, which training on noise amplifies from step to step, stays far below the
     yardstick: how far an eager run moves when one initial weight moves by one float32 ulp."""
     exp = EXPERIMENTS[name]
     torch.manual_seed(0)
-    batches = [(torch.randn(64, 3, 32, 32, device=device, dtype=torch.float64)
+    batches = [(torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float64)
                 .to(memory_format=torch.channels_last),
-                torch.randint(0, 100, (64,), device=device)) for _ in range(steps)]
+                torch.randint(0, 100, (batch,), device=device)) for _ in range(steps)]
     initial = ResNet18(exp.model).state_dict()
     weights, graph_step = {}, None
     for run in ("eager", "nudged", "graph"):
@@ -127,14 +128,17 @@ def check_resume(device: torch.device, workdir: Path) -> str:
 
 def cuda_path(device_name: str, workdir: Path) -> int:
     device = torch.device(device_name)
+    # GPU_CHECK_TINY (on a CPU, as a test runs it): the graph-ready step in float64 is slow
+    # there, and a few small batches already hold it against the eager step.
+    graph = {"steps": 4, "batch": 16} if os.environ.get("GPU_CHECK_TINY") == "1" else {}
     results = {}
     for name, check in [("parameter counts", check_param_counts),
                         ("bf16 vs fp32", lambda: check_bf16_against_fp32(device)),
                         ("checkpoint resume", lambda: check_resume(device, workdir)),
-                        ("CUDA graph step, SGD", lambda: check_graph_step(device,
-                                                                          "resnet18-lr0.01")),
+                        ("CUDA graph step, SGD", lambda: check_graph_step(
+                            device, "resnet18-lr0.01", **graph)),
                         ("CUDA graph step, Adam + clip", lambda: check_graph_step(
-                            device, "resnet18-adam-clip"))]:
+                            device, "resnet18-adam-clip", **graph))]:
         try:
             results[name] = {"ok": True, "detail": check()}
         except Exception as e:  # report every check, then fail

@@ -104,7 +104,10 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        # Only on a change: torch's setter imports the inductor's config even to set the
+        # default again, a second of every command's start on a CPU.
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
 
 
