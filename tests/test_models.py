@@ -127,13 +127,15 @@ def test_forward_and_backward_shapes(cfg):
 
 
 # layer3 and layer4 compute their tiny maps as one matrix product: same function, another
-# summation order. In bf16 autocast, measured 0.017 at logits of about 2 (two bf16 ulps).
-AGAINST_TORCHVISION = {"fp32": (None, 1e-4, 1e-4), "bf16": (torch.bfloat16, 1.6e-2, 2e-2)}
+# summation order. In bf16 autocast, measured up to 0.039 over 30 seeds at logits up to 2.9
+# (2.5 bf16 ulps there); a wrong network is off by the logits' own size.
+AGAINST_TORCHVISION = {"fp32": (None, 1e-4, 1e-4), "bf16": (torch.bfloat16, 1.6e-2, 5e-2)}
 
 
 @pytest.mark.parametrize("precision", AGAINST_TORCHVISION)
 def test_base_model_is_torchvision_state_dict_compatible(precision):
     dtype, rtol, atol = AGAINST_TORCHVISION[precision]
+    torch.manual_seed(0)  # not whatever the tests before it left
     ours = build_model("resnet18-lr0.01", num_classes=100)
     theirs = torchvision.models.resnet18(num_classes=100)
     a, b = ours.state_dict(), theirs.state_dict()
