@@ -46,9 +46,17 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
         raise
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
     with atomic_open(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
+        f.write(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
@@ -56,8 +64,7 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_open(path) as f:
-        f.write(text.getvalue().encode())
+    write_text(path, text.getvalue())
 
 
 def load_tensors(path: Path) -> Any:
