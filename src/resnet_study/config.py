@@ -12,6 +12,7 @@ gives a run is computed here too (`Experiment.settings` and the section at the e
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -42,12 +43,17 @@ def _require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def _check_choice(obj: Any) -> None:
-    """Validate every `Literal[...]` field of a dataclass against its allowed values."""
+def _check_fields(obj: Any) -> None:
+    """Validate every `Literal[...]` field of a dataclass against its allowed values, and
+    refuse non-finite numbers in any field, wherever they came from (a flag, a TOML file, a
+    config.json): `--lr inf` would otherwise train on NaN to the end."""
     for name, spec in field_specs(type(obj)).items():
         value = getattr(obj, name)
         _require(not spec.choices or value in spec.choices,
                  f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                 f"{name} must be a finite number, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class ModelConfig:
     pretrained: str | None = None  # "imagenet" or a path to a torchvision-format state dict
 
     def __post_init__(self) -> None:
-        _check_choice(self)
+        _check_fields(self)
         _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
         _require(self.blocks >= 1, f"blocks must be a whole number >= 1, not {self.blocks}")
         _require(self.family == "cifar-resnet" or (self.blocks == 2
@@ -99,7 +105,7 @@ class DataConfig:
     normalize: Literal["pixel", "channel"] = "pixel"  # mean image (the paper) or channel mean
 
     def __post_init__(self) -> None:
-        _check_choice(self)
+        _check_fields(self)
         for name in ("subset", "test_subset"):
             n = getattr(self, name)
             _require(n is None or n > 0, f"{name} must be > 0, not {n}")
@@ -128,7 +134,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice(self)
+        _check_fields(self)
         for name in ("epochs", "batch_size"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, not {getattr(self, name)}")
         _require(self.lr > 0, f"lr must be > 0, not {self.lr}")
@@ -172,7 +178,7 @@ class ExecutionConfig:
     eval_batch_size: int = field(default=1024, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
-        _check_choice(self)
+        _check_fields(self)
         _require(self.eval_batch_size > 0,
                  f"eval_batch_size must be > 0, not {self.eval_batch_size}")
 

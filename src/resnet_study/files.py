@@ -1,18 +1,23 @@
-"""Crash-safe file writes (a reader, or a resumed run, never sees a half-written file) and
-code-free reads of the tensor files the tool is handed."""
+"""Crash-safe file writes (a reader, or a resumed run, never sees a half-written file), the
+lock that gives a run folder one writer, and code-free reads of the tensor files the tool is
+handed."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from .config import UsageError
 
 
 def _read_umask() -> int:
@@ -41,8 +46,10 @@ def atomic_open(path: Path) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say where
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -65,6 +72,47 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) ->
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, text.getvalue())
+
+
+class FolderHeld(UsageError):
+    """Another process holds the run folder's lock: it trains into that folder now."""
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        super().__init__(f"{folder} is in use by {holder}; wait for it to finish, or choose "
+                         "another --out")
+        self.holder = holder
+
+
+@contextmanager
+def hold(folder: Path) -> Iterator[None]:
+    """The run folder's lock, for as long as the block runs: `flock` on `folder/.lock`, which
+    the kernel releases when its process dies, however it dies. Its holder cleans the folder's
+    temporary files, which no one else may, since another process's may be live. A folder this
+    made and that holds nothing else afterwards is removed (a run refused before it started
+    leaves nothing behind)."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise FolderHeld(folder, holder or "another process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        for stale in folder.glob(".*.tmp"):  # left by a process killed inside a write
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if made and os.listdir(folder) == [".lock"]:
+                lock.unlink()
+                folder.rmdir()
+    finally:
+        os.close(fd)
 
 
 def load_tensors(path: Path) -> Any:

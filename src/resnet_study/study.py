@@ -23,6 +23,7 @@ from .config import Experiment, UsageError, get_experiment, one_line
 from .data.sources import ImageSet
 from .data.splits import check_sizes
 from .data.store import load_images
+from .files import FolderHeld, hold
 from .models import network, training_flops
 from .training.assembly import assemble
 from .training.checkpoint import read_summary
@@ -88,15 +89,24 @@ def status(run: Run) -> str:
 def execute(run: Run, device: str | None = None,
             on_epoch: Callable[[Run, dict], None] | None = None) -> dict:
     """Train one run (resuming it if it was interrupted); a failure becomes its summary, with
-    all that was known of the run (`RunRecord`)."""
+    all that was known of the run (`RunRecord`). Under the run folder's lock, so that several
+    processes on one study share its runs: one that another process holds is left to it
+    (status `held`), and one that another finished since this study was planned is skipped."""
     exp = run.experiment if device is None else run.experiment.replace(device=device)
     observers = [] if on_epoch is None else [lambda exp, row: on_epoch(run, row)]
     record = RunRecord(exp, run.out)
     try:
-        return train(exp, run.out, resume=(run.out / "checkpoint.pt").exists(), quiet=True,
-                     observers=observers, record=record)
-    except Exception as e:  # out of memory, weights offline, bad data: record it and go on
-        return record.summary or record.write("failed", error=one_line(e))
+        with hold(run.out):
+            state = status(run)
+            if state in FINAL:
+                return {**(read_summary(run.out) or {}), "status": state, "skipped": True}
+            try:
+                return train(exp, run.out, resume=state == "partial", quiet=True,
+                             observers=observers, record=record, locked=True)
+            except Exception as e:  # out of memory, weights offline, bad data: record, go on
+                return record.summary or record.write("failed", error=one_line(e))
+    except FolderHeld as e:
+        return {"status": "held", "error": e.holder}
 
 
 def prepare(runs: list[Run], root: Path,
@@ -112,7 +122,7 @@ def prepare(runs: list[Run], root: Path,
     for run in runs:
         exp = run.experiment
         try:
-            check_sizes(exp.data, exp.train, len(images[exp.data.data].train_labels))
+            check_sizes(exp, len(images[exp.data.data].train_labels))
         except UsageError as e:
             raise UsageError(f"{run.label}: {e}") from None
     try:
@@ -163,7 +173,7 @@ class Clock:
 def _epoch_cost(run: Run, images: ImageSet) -> float:
     """FLOPs of one epoch: training images x a step's FLOPs, evaluated images x a third."""
     d = run.experiment.data
-    train = check_sizes(d, run.experiment.train, len(images.train_labels))
+    train = check_sizes(run.experiment, len(images.train_labels))
     test = len(images.test_labels)
     test = min(test, d.test_subset) if d.test_subset else test
     flops = training_flops(run.experiment.model, len(images.classes))
@@ -232,7 +242,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     listed devices, are worker processes; one run at a time on one device runs in this one."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     outcomes: dict[str, list[str]] = {"completed": [], "diverged": [], "stopped": [],
-                                      "failed": [], "skipped": []}
+                                      "failed": [], "skipped": [], "held": []}
     todo = []
     for run in runs:
         state = status(run)
@@ -300,10 +310,14 @@ class _Progress:
     def finished(self, run: Run, summary: dict) -> None:
         self.done += 1
         self.outcomes[summary["status"]].append(run.label)
+        if summary.get("skipped"):
+            self.outcomes["skipped"].append(run.label)
         left = self.clock.finished(run)
         running = min(self.clock.workers, len(self.todo) - self.done)
         failed = len(self.outcomes["failed"]) + len(self.outcomes["diverged"])
-        note = f" ({summary.get('error', '')})" if summary["status"] == "failed" else ""
+        note = {"failed": f" ({summary.get('error', '')})",
+                "held": f" by {summary.get('error', '')}: left to it"}.get(summary["status"], "")
+        note += " (by another process: skipped)" if summary.get("skipped") else ""
         eta = (f", ~{_duration(left)} left"
                if left is not None and self.done < len(self.todo) else "")
         self.log(f"study: {run.label} {summary['status']}{note} | {self.done}/{len(self.todo)} "

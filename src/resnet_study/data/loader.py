@@ -85,9 +85,20 @@ class DeviceLoader:
         # Distributed training: every rank draws the whole global batch (order, crops, flips)
         # and keeps its own slice of it, so the ranks together see what one process would.
         self.rank, self.world = rank, world
+        # Batch norm in training needs two values per channel: a training epoch's last batch
+        # that would leave a rank fewer than two images joins the batch before it instead.
+        remainder = self.num_images % batch_size
+        self.fold_last = (augment and 0 < remainder < 2 * world
+                          and self.num_images > batch_size)
 
     def __len__(self) -> int:
-        return math.ceil(self.num_images / self.batch_size)
+        return math.ceil(self.num_images / self.batch_size) - self.fold_last
+
+    def _batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        batches = list(order.split(self.batch_size))
+        if self.fold_last:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
 
     def generator(self, epoch: int) -> torch.Generator:
         seed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
@@ -109,7 +120,7 @@ class DeviceLoader:
         n = self.num_images
         order = (torch.randperm(n, generator=g, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
-        for i, idx in enumerate(order.split(self.batch_size)):
+        for i, idx in enumerate(self._batches(order)):
             draws = self._draws(len(idx), g) if self.augment else None
             if i < start:  # the draws above keep the generator where the epoch had it
                 continue

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..config import DataConfig, Experiment, TrainConfig, UsageError
+from ..config import Experiment, UsageError
 from ..training.device import Ranks
 from .loader import DeviceLoader, normalization, split
 from .sources import ImageSet
@@ -22,20 +22,24 @@ class Splits:
     val: DeviceLoader | None
 
 
-def check_sizes(cfg: DataConfig, train_cfg: TrainConfig, available: int, world: int = 1) -> int:
+def check_sizes(exp: Experiment, available: int, world: int = 1) -> int:
     """The number of images a run trains on, out of the `available` training images; refuses
-    settings that leave too few (a study checks every run this way before starting any)."""
+    settings that ask for more images than there are, or leave too few (a study checks every
+    run this way before starting any). `--quick`'s subset is a cap, not a request."""
+    cfg, batch_size = exp.data, exp.train.batch_size
     if cfg.val_split >= available:
         raise UsageError(f"val_split {cfg.val_split} leaves no training images "
                          f"(the training set has {available})")
     n = available - cfg.val_split
+    if cfg.subset is not None and cfg.subset > n and not exp.quick:
+        raise UsageError(f"subset {cfg.subset} is larger than the {n} training images there "
+                         "are" + (f" (after val_split {cfg.val_split})" if cfg.val_split else ""))
     n = min(n, cfg.subset) if cfg.subset is not None else n
-    if train_cfg.batch_size > n:
-        raise UsageError(f"batch_size {train_cfg.batch_size} is larger than the {n} training "
-                         "images")
-    if train_cfg.batch_size < world:
-        raise UsageError(f"batch_size {train_cfg.batch_size} (the global batch) is smaller "
-                         f"than the {world} processes")
+    if batch_size > n:
+        raise UsageError(f"batch_size {batch_size} is larger than the {n} training images")
+    if batch_size < 2 * world:
+        raise UsageError(f"batch_size {batch_size} (the global batch) gives a process fewer "
+                         f"than the 2 images batch norm needs ({world} process(es))")
     return n
 
 
@@ -44,7 +48,7 @@ def make_splits(exp: Experiment, device: torch.device, progress: bool = True,
     """Load the images, carve out validation and subset, and put every split on the device."""
     cfg, train_cfg, execution = exp.data, exp.train, exp.execution
     images = load_images(cfg.data, progress=progress)
-    check_sizes(cfg, train_cfg, len(images.train_labels), ranks.world)
+    check_sizes(exp, len(images.train_labels), ranks.world)
     x, y = images.train_images, images.train_labels
     val = None
     if cfg.val_split:

@@ -4,6 +4,7 @@ run exactly, or to evaluate and inspect a trained one (`load_run`)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import random
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..config import RESUMABLE, SECTIONS, Experiment, UsageError
 from ..data.splits import Splits, make_splits
-from ..files import atomic_open, load_tensors
+from ..files import load_tensors, write_bytes
 from ..models import build_model
 from .device import autocast_dtype, resolve_device
 
@@ -39,8 +40,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    """Serialised in memory first: torch's own writer turns a full disk into a RuntimeError
+    of its C++ internals; our write makes it the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -99,7 +99,7 @@ class EpochResult:
 
 
 class Diverged(Exception):
-    """The training loss became non-finite."""
+    """The training loss, the weights or the evaluation loss became non-finite."""
 
 
 class StopRequested(Exception):
@@ -155,11 +155,22 @@ def run_epoch(parts: Assembly, epoch: int, stop: StopSignal | None = None,
                     raise Diverged(f"non-finite loss in epoch {epoch + 1}")
                 bar.set_postfix(loss=f"{total / count:.3f}",
                                 img_s=f"{count / (time.perf_counter() - start):,.0f}")
-    if parts.device.type == "cuda":
-        torch.cuda.synchronize(parts.device)
+    if not _finite(parts.model):  # the loss above came before the epoch's last update
+        raise Diverged(f"non-finite weights after epoch {epoch + 1}")
     train_seconds = time.perf_counter() - start
     total, seen = totals()
-    return _evaluated(parts, epoch, total / seen, seen, start, train_seconds)
+    result = _evaluated(parts, epoch, total / seen, seen, start, train_seconds)
+    # Finite weights can still be large enough to overflow the network's output.
+    if not all(math.isfinite(v) for k, v in result.row.items() if k.endswith("_loss")):
+        raise Diverged(f"non-finite evaluation loss after epoch {epoch + 1}")
+    return result
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer is finite: one host sync (which also waits for the
+    device to finish the epoch)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _evaluated(parts: Assembly, epoch: int, train_loss: float, seen: int, start: float,

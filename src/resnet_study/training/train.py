@@ -8,6 +8,7 @@ a search's pruning) attach through `observers` and may stop a run cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import Experiment, Interrupted, UsageError, one_line
-from ..files import atomic_open, write_csv, write_json
+from ..files import atomic_open, hold, write_csv, write_json
 from ..models import count_params
 from .assembly import Assembly, assemble
 from .checkpoint import (
@@ -79,10 +80,21 @@ def restore(exp: Experiment, out: Path, resume: bool) -> tuple[dict | None, dict
 
 
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
-          observers: Sequence[Observer] = (), record: RunRecord | None = None) -> dict:
+          observers: Sequence[Observer] = (), record: RunRecord | None = None,
+          locked: bool = False) -> dict:
     """Train one experiment into `out`; return the summary also written to summary.json.
-    `record` (a study's) receives what is learnt of the run, whatever the outcome."""
+    `record` (a study's) receives what is learnt of the run, whatever the outcome. The run holds
+    `out`'s lock (`files.hold`) throughout, so a second process training into the same folder
+    is refused (`FolderHeld`); `locked`: the caller holds it already (a study, which checks a
+    run's state under it). Under torchrun, rank 0 holds it for all ranks."""
     out = Path(out)
+    mine = not locked and os.environ.get("RANK", "0") == "0"
+    with hold(out) if mine else contextlib.nullcontext():
+        return _train(exp, out, resume=resume, quiet=quiet, observers=observers, record=record)
+
+
+def _train(exp: Experiment, out: Path, *, resume: bool, quiet: bool,
+           observers: Sequence[Observer], record: RunRecord | None) -> dict:
     ckpt, finished = restore(exp, out, resume)
     if finished is not None:  # every rank returns here, before joining torchrun's group
         if os.environ.get("RANK", "0") == "0":
@@ -135,9 +147,9 @@ class Training:
         parts, exp = self.parts, self.parts.experiment
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in self.out.glob(".*.tmp"):  # left by a process killed inside a write
-                stale.unlink()
             write_json(self.out / "config.json", exp.to_dict())
+            if self.history:  # as the checkpoint has it, should a kill have come between them
+                write_csv(self.out / "metrics.csv", self.history, self.columns)
         parts.log(f"{exp.name}{exp.log_mark}: {self.record.facts['params']:,} parameters, "
                   f"{parts.splits.train.num_images:,} training images "
                   f"({parts.splits.images.name}), {parts.device.type}, {parts.precision}, "
@@ -166,9 +178,8 @@ class Training:
         parts, exp = self.parts, self.parts.experiment
         try:
             result = run_epoch(parts, epoch, signals, self.partial, progress=not self.quiet)
-        except Diverged:
-            parts.log(f"{exp.name}: diverged in epoch {epoch + 1} (non-finite loss); "
-                      "lower --lr or set --grad-clip")
+        except Diverged as e:
+            parts.log(f"{exp.name}: diverged ({e}); lower --lr or set --grad-clip")
             return None
         except StopRequested as stopped:
             self._checkpoint(epoch, dataclasses.asdict(stopped.progress))
@@ -186,9 +197,9 @@ class Training:
         self.record.learn_history(self.history)
         if epoch + 1 == exp.train.epochs:  # for per-class analysis
             self._save_predictions(result)
+        self._checkpoint(epoch + 1)  # first: metrics.csv never lists an epoch it lacks
         if self.main:
             write_csv(self.out / "metrics.csv", self.history, self.columns)
-        self._checkpoint(epoch + 1)
         if tb:
             for k, v in row.items():
                 tb.add_scalar(k, v, epoch + 1)
