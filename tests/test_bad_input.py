@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -100,6 +101,14 @@ def damaged_study(tmp: Path, kind: str) -> list[str]:
     return ["report", str(tmp / "study"), "--no-inspect"]
 
 
+def infinite_config(tmp: Path) -> list[str]:
+    """`evaluate` of a run whose config.json says `"lr": Infinity` (JSON as Python writes it)."""
+    shutil.copytree(tmp / "run", tmp / "infinite")
+    config = tmp / "infinite" / "config.json"
+    config.write_text(re.sub(r'"lr": [^,]+', '"lr": Infinity', config.read_text(), count=1))
+    return ["evaluate", str(tmp / "infinite")]
+
+
 def mismatched_run(tmp: Path) -> list[str]:
     """`evaluate` of a run whose config.json says width 2 beside a width-1 checkpoint."""
     shutil.copytree(tmp / "run", tmp / "mixed")
@@ -132,6 +141,14 @@ CASES = {
     "batch larger than the data": (lambda t: [*TRAIN, "--data", "synthetic", "--batch-size",
                                               "64"], "larger than the 32 training images"),
     "not a number": (lambda t: [*TRAIN, "--lr", "fast"], "invalid float value"),
+    "infinite learning rate": (lambda t: [*TRAIN, "--lr", "inf"], "lr must be a finite number"),
+    "NaN momentum": (lambda t: [*TRAIN, "--momentum", "nan"], "momentum must be a finite number"),
+    "infinity in a run's config.json": (infinite_config, "lr must be a finite number"),
+    "subset larger than the data": (lambda t: [*TRAIN, "--data", "synthetic", "--subset",
+                                               "1000000000"], "subset 1000000000 is larger than "
+                                                              "the 5000 training images"),
+    "batch of one": (lambda t: [*TRAIN, "--data", "synthetic", "--batch-size", "1"],
+                     "fewer than the 2 images batch norm needs"),
     # runs and checkpoints
     "resume without checkpoint": (lambda t: [*TRAIN, "--data", "synthetic", "--resume", "--out",
                                              str(t / "fresh")], "no checkpoint"),
