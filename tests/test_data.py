@@ -26,8 +26,9 @@ from resnet_study.config import UsageError
 from resnet_study.data import store
 from resnet_study.data.loader import DeviceLoader, normalization
 from resnet_study.data.loader import split as split_images
-from resnet_study.data.sources import DataError, ImageSet
+from resnet_study.data.sources import ImageSet
 from resnet_study.data.store import load_images
+from resnet_study.data.tree import DataError
 
 from .helpers import (
     CIFAR10_CLASSES,

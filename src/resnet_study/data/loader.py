@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .sources import SIZE, DataError
+from .tree import SIZE, DataError
 
 PAD = 4  # random-crop padding on each side, as in the ResNet paper's CIFAR recipe
 

@@ -2,9 +2,10 @@
 image files, either as a folder or as a tar archive, and a synthetic set for tests and demos.
 Each is read into one `ImageSet` of uint8 NCHW arrays.
 
-User files are untrusted. Pickles go through an unpickler that can build numpy arrays and
-nothing else, archives are read member by member in memory and never extracted, and every fault
-becomes a one-line `DataError` that names the file.
+User files are untrusted. A folder's or archive's files come from `tree`, which holds each to a
+size bound before it is read and never extracts an archive; pickles go through an unpickler that
+can build numpy arrays and nothing else, and every fault becomes a one-line `DataError` that
+names the file.
 """
 
 from __future__ import annotations
@@ -12,27 +13,20 @@ from __future__ import annotations
 import codecs
 import io
 import pickle
-import tarfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..config import UsageError
+from .tree import SIZE, DataError, Tree
 
-SIZE = 32  # CIFAR images are 32x32; so must every image be
 EXPECTED_LAYOUTS = ("expected cifar-100-python/{train,test,meta}, "
                     "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, "
                     "or train/<class>/<image> and test/<class>/<image>, "
                     "at the top or inside one top folder")
-
-
-class DataError(UsageError):
-    """A fault in the user's data, reported as one line naming the file."""
 
 
 @dataclass
@@ -74,60 +68,9 @@ class ImageSet:
                         len(self.superclasses))
 
 
-# --- reading folders and archives -------------------------------------------------------------
+# --- a folder's or archive's files as an image set ---------------------------------------
 
-@dataclass
-class _Tree:
-    """The regular, non-hidden files of a folder or archive, by relative POSIX path."""
-
-    root: Path
-    files: dict[str, Path | bytes]  # a folder's files are read when needed, an archive's at once
-
-    def read(self, rel: str) -> bytes:
-        f = self.files[rel]
-        if isinstance(f, bytes):
-            return f
-        try:
-            return f.read_bytes()
-        except OSError as e:
-            raise DataError(f"{f}: cannot read ({e.strerror})") from None
-
-    def where(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-
-def _hidden(rel: PurePosixPath) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def folder_tree(root: Path) -> _Tree:
-    files: dict[str, Path | bytes] = {}
-    for p in sorted(root.rglob("*")):
-        rel = PurePosixPath(p.relative_to(root).as_posix())
-        if p.is_file() and not _hidden(rel):
-            files[str(rel)] = p
-    return _Tree(root, files)
-
-
-def archive_tree(path: Path) -> _Tree:
-    """Stream the archive once; nothing is written to disk. A member that would escape an
-    extraction folder (absolute path, '..', link) marks a hostile or broken archive: refused."""
-    files: dict[str, Path | bytes] = {}
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                rel = PurePosixPath(member.name)
-                if rel.is_absolute() or ".." in rel.parts or member.issym() or member.islnk():
-                    raise DataError(f"{path}: member {member.name!r} points outside the archive "
-                                    "(absolute path, '..' or link); refusing the archive")
-                if member.isfile() and not _hidden(rel):
-                    files[str(rel)] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt archive ({e})") from None
-    return _Tree(path, files)
-
-
-def read_tree(tree: _Tree, name: str, progress: bool) -> ImageSet:
+def read_tree(tree: Tree, name: str, progress: bool) -> ImageSet:
     names = tree.files.keys()
     if not names:
         raise DataError(f"{tree.root}: holds no files; {EXPECTED_LAYOUTS}")
@@ -185,7 +128,7 @@ def read_pickle(path_or_bytes: Path | str | bytes, name: str) -> Any:
     return obj
 
 
-def _read_dict(tree: _Tree, rel: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def _read_dict(tree: Tree, rel: str, keys: tuple[str, ...]) -> dict[str, Any]:
     d = read_pickle(tree.read(rel), tree.where(rel))
     missing = [k for k in keys if not isinstance(d, dict) or k not in d]
     if missing:
@@ -193,7 +136,7 @@ def _read_dict(tree: _Tree, rel: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return d
 
 
-def _label_names(tree: _Tree, rel: str, d: dict[str, Any], key: str) -> list[str]:
+def _label_names(tree: Tree, rel: str, d: dict[str, Any], key: str) -> list[str]:
     names = d[key]
     if (not isinstance(names, list) or not names
             or not all(isinstance(n, bytes | str) for n in names)):
@@ -215,7 +158,7 @@ def _labels(where: str, key: str, labels: Any, count: int, num_classes: int) -> 
     return y.astype(np.int64)
 
 
-def _read_batch(tree: _Tree, rel: str, num_classes: dict[str, int]) -> list[np.ndarray]:
+def _read_batch(tree: Tree, rel: str, num_classes: dict[str, int]) -> list[np.ndarray]:
     """Images (N, 3, 32, 32), then the labels under each key of `num_classes`."""
     where = tree.where(rel)
     d = _read_dict(tree, rel, ("data", *num_classes))
@@ -228,7 +171,7 @@ def _read_batch(tree: _Tree, rel: str, num_classes: dict[str, int]) -> list[np.n
     return [data.reshape(-1, 3, SIZE, SIZE), *labels]  # rows are R plane, G plane, B plane
 
 
-def _read_cifar100(tree: _Tree, root: str, name: str) -> ImageSet:
+def _read_cifar100(tree: Tree, root: str, name: str) -> ImageSet:
     meta = _read_dict(tree, f"{root}meta", ("fine_label_names", "coarse_label_names"))
     classes = _label_names(tree, f"{root}meta", meta, "fine_label_names")
     superclasses = _label_names(tree, f"{root}meta", meta, "coarse_label_names")
@@ -239,7 +182,7 @@ def _read_cifar100(tree: _Tree, root: str, name: str) -> ImageSet:
                     superclasses, train_coarse, test_coarse)
 
 
-def _read_cifar10(tree: _Tree, root: str, name: str) -> ImageSet:
+def _read_cifar10(tree: Tree, root: str, name: str) -> ImageSet:
     meta = _read_dict(tree, f"{root}batches.meta", ("label_names",))
     classes = _label_names(tree, f"{root}batches.meta", meta, "label_names")
     batches = [f"{root}data_batch_{i}" for i in range(1, 6)] + [f"{root}test_batch"]
@@ -256,7 +199,7 @@ def _read_cifar10(tree: _Tree, root: str, name: str) -> ImageSet:
 
 # --- class folders ----------------------------------------------------------------------------
 
-def _read_class_folders(tree: _Tree, root: str, name: str, progress: bool) -> ImageSet:
+def _read_class_folders(tree: Tree, root: str, name: str, progress: bool) -> ImageSet:
     found: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}  # split -> class -> files
     for rel in tree.files:
         split, _, rest = rel.removeprefix(root).partition("/")
@@ -280,23 +223,25 @@ def _read_class_folders(tree: _Tree, root: str, name: str, progress: bool) -> Im
             files = [(rel, label) for label, c in enumerate(classes) for rel in by_class[c]]
             images = np.empty((len(files), 3, SIZE, SIZE), dtype=np.uint8)
             for i, (rel, _) in enumerate(files):
-                images[i] = _decode_image(tree, rel)
+                images[i] = tree.image(rel)
                 bar.update()
             splits += [images, np.array([label for _, label in files], dtype=np.int64)]
     return ImageSet(name, classes, *splits)
 
 
-def _decode_image(tree: _Tree, rel: str) -> np.ndarray:
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """An image file as 3x32x32 uint8; a `tree.Decode`, so an archive's images are decoded as
+    they stream past."""
     try:
-        with Image.open(io.BytesIO(tree.read(rel))) as im:
+        with Image.open(io.BytesIO(data)) as im:
             if im.size != (SIZE, SIZE):
-                raise DataError(f"{tree.where(rel)}: image is {im.width}x{im.height}, "
+                raise DataError(f"{where}: image is {im.width}x{im.height}, "
                                 f"expected {SIZE}x{SIZE}")
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
     except UnidentifiedImageError:
-        raise DataError(f"{tree.where(rel)}: not an image") from None
+        raise DataError(f"{where}: not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{tree.where(rel)}: damaged image ({e})") from None
+        raise DataError(f"{where}: damaged image ({e})") from None
 
 
 # --- synthetic data ---------------------------------------------------------------------------
