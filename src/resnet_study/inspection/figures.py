@@ -1,5 +1,6 @@
 """The figures of one inspected model: feature maps, stem filters, Grad-CAM overlays,
-activation statistics per block, and a t-SNE map beside the per-class accuracy."""
+activation statistics per block, and a t-SNE map beside the per-class accuracy. Every text they
+are given goes through `plots.literal`: run, class and block names are the user's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import matplotlib.lines
 import numpy as np
 
-from ..plots import plt
+from ..plots import literal, plt
 
 
 def _scaled(a: np.ndarray) -> np.ndarray:
@@ -44,12 +45,12 @@ def feature_map_figure(images: np.ndarray, maps: np.ndarray, channels: int, titl
     fig, ax = plt.subplots(figsize=(1.2 * (len(top) + 1), 1.2 * len(images)))
     ax.imshow(_mosaic(rows), interpolation="nearest")
     ax.set_xticks([(size + 2) * k + size / 2 for k in range(len(top) + 1)],
-                  ["image", *(f"ch {c}" for c in top)], fontsize=7)
+                  [literal(t) for t in ("image", *(f"ch {c}" for c in top))], fontsize=7)
     ax.set_yticks([])
     ax.xaxis.tick_top()
     side = maps.shape[-1]
-    ax.set_title(f"{title} ({maps.shape[1]} channels, {side}x{side}; the {len(top)} most "
-                 "active)", fontsize=9, pad=18)
+    ax.set_title(literal(f"{title} ({maps.shape[1]} channels, {side}x{side}; the {len(top)} "
+                         "most active)"), fontsize=9, pad=18)
     return fig
 
 
@@ -62,8 +63,8 @@ def filter_figure(weight: np.ndarray, title: str):
     fig, ax = plt.subplots(figsize=(cols * 0.6, math.ceil(n / cols) * 0.6 + 0.4))
     ax.imshow(_mosaic([tiles[i:i + cols] for i in range(0, n, cols)]), interpolation="nearest")
     ax.axis("off")
-    ax.set_title(f"{title}: the stem's {n} learned {k}x{k} filters (RGB, each scaled to its "
-                 "own range)", fontsize=9)
+    ax.set_title(literal(f"{title}: the stem's {n} learned {k}x{k} filters (RGB, each scaled "
+                         "to its own range)"), fontsize=9)
     return fig
 
 
@@ -76,11 +77,11 @@ def cam_figure(images: np.ndarray, cams: np.ndarray, true: list[str], predicted:
         ax.axis("off")
     for c, image in enumerate(images):
         axes[0, c].imshow(image)
-        axes[0, c].set_title(f"true {true[c]}", fontsize=7)
+        axes[0, c].set_title(literal(f"true {true[c]}"), fontsize=7)
         axes[1, c].imshow(image)
         axes[1, c].imshow(cams[c], cmap="jet", alpha=0.45, interpolation="bilinear")
-        axes[1, c].set_title(f"pred {predicted[c]}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        axes[1, c].set_title(literal(f"pred {predicted[c]}"), fontsize=7)
+    fig.suptitle(literal(title), fontsize=9)
     return fig
 
 
@@ -92,26 +93,26 @@ def activations_figure(rows_by_label: dict[str, list[dict]], title: str):
     """Per block: output variance, dead ReLU fraction, residual/shortcut norm; a line per run or
     experiment (blocks named on the axis where all lines have the same blocks)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for label, rows in rows_by_label.items():
+    for rows in rows_by_label.values():
         for ax, (key, _) in zip(axes, ACTIVATION_PANELS, strict=True):
-            ax.plot(range(len(rows)), [r[key] for r in rows], marker="o", markersize=3,
-                    label=label)
+            ax.plot(range(len(rows)), [r[key] for r in rows], marker="o", markersize=3)
     lengths = {len(rows) for rows in rows_by_label.values()}
     names = [r["block"] for r in next(iter(rows_by_label.values()))] if len(lengths) == 1 else []
     for ax, (key, ylabel) in zip(axes, ACTIVATION_PANELS, strict=True):
-        ax.set_ylabel(ylabel)
-        ax.set_xlabel("block" if names else "block (in order)")
+        ax.set_ylabel(literal(ylabel))
+        ax.set_xlabel(literal("block" if names else "block (in order)"))
         if names:
             step = max(1, len(names) // 8)
-            ax.set_xticks(range(0, len(names), step), names[::step], rotation=45, fontsize=7)
+            ax.set_xticks(range(0, len(names), step), [literal(n) for n in names[::step]],
+                          rotation=45, fontsize=7)
         if key == "variance":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:  # below the block names
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.1),
-                   ncol=min(len(labels), 3), fontsize=8, frameon=False)
-    fig.suptitle(title)
+    if rows_by_label:  # below the block names; given, as the axes drop labels starting "_"
+        fig.legend(axes[0].lines, [literal(label) for label in rows_by_label],
+                   loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                   ncol=min(len(rows_by_label), 3), fontsize=8, frameon=False)
+    fig.suptitle(literal(title))
     return fig
 
 
@@ -128,9 +129,10 @@ def embedding_figure(xy: np.ndarray, colour: np.ndarray, colour_names: list[str]
         handles = [matplotlib.lines.Line2D([], [], marker="o", linestyle="", markersize=4,
                                            color=scatter.cmap(scatter.norm(v)))
                    for v in present]
-        left.legend(handles, [colour_names[i] for i in present], fontsize=6,
+        left.legend(handles, [literal(colour_names[i]) for i in present], fontsize=6,
                     loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    left.set_title(f"t-SNE of the penultimate features ({len(labels)} test images)", fontsize=9)
+    left.set_title(literal(f"t-SNE of the penultimate features ({len(labels)} test images)"),
+                   fontsize=9)
     left.set_xticks([])
     left.set_yticks([])
     n = len(classes)
@@ -139,10 +141,11 @@ def embedding_figure(xy: np.ndarray, colour: np.ndarray, colour_names: list[str]
                          out=np.full(n, np.nan), where=totals > 0)
     order = np.argsort(np.nan_to_num(accuracy, nan=-1))
     right.barh(range(n), accuracy[order], height=0.8)
-    right.set_yticks(range(n), [classes[i] for i in order], fontsize=7 if n <= 20 else 3)
-    right.set_xlabel("test accuracy on these images")
+    right.set_yticks(range(n), [literal(classes[i]) for i in order],
+                     fontsize=7 if n <= 20 else 3)
+    right.set_xlabel(literal("test accuracy on these images"))
     right.set_xlim(0, 1)
-    right.set_title("per-class accuracy", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    right.set_title(literal("per-class accuracy"), fontsize=9)
+    fig.suptitle(literal(title), fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,5 +1,6 @@
 """The report's figures: the paper's loss curves with seed bands, its data figures, and the
-class confusion it lacked. Each is saved as SVG (byte-stable) and PNG (embedded in the page)."""
+class confusion it lacked. Each is saved as SVG (byte-stable) and PNG (embedded in the page).
+Every text they are given goes through `plots.literal`: run and class names are the user's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from ..config import title_mark
 from ..data.loader import PAD, DeviceLoader, normalization
 from ..data.sources import ImageSet
-from ..plots import plt
+from ..plots import literal, plt
 from .runs import Run
 
 
@@ -52,11 +53,13 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
 
 def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
     """Train and validation loss, and top-1, per epoch: mean over seeds, min-max band. A legend
-    entry names its runs' departures from the preset."""
+    entry names its runs' departures from the preset. Names and settings are the runs' own
+    text, drawn `literal`."""
     panels = [("train_loss", "training loss"), ("test_loss", "validation loss"),
               ("test_top1", "top-1 accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     profiles = set()
+    legend = []  # (line, label), given: the axes would drop a label starting "_"
     for name in names:
         runs = results.get(name)
         if not runs:
@@ -68,22 +71,22 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
             epochs = min(len(r.metrics[key]) for r in runs)
             values = np.stack([r.metrics[key][:epochs] for r in runs])
             x = np.arange(1, epochs + 1)
-            line, = ax.plot(x, values.mean(0), label=label)
+            line, = ax.plot(x, values.mean(0))
             ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+        legend.append((axes[0].lines[-1], literal(label)))
     for ax, (key, label) in zip(axes, panels, strict=True):
         low, high = ax.dataLim.intervaly
         if key.endswith("loss") and low > 0 and high / low > 20:
             ax.set_yscale("log")  # one diverging run must not flatten the others
             label += " (log scale)"
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set_xlabel(literal("epoch"))
+        ax.set_ylabel(literal(label))
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:  # below the panels, where long labels (overrides) cover no curve
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(len(labels), 2), fontsize=8, frameon=False)
-    fig.suptitle(title + title_mark(profiles))
+    if legend:  # below the panels, where long labels (overrides) cover no curve
+        fig.legend(*zip(*legend, strict=True), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(legend), 2), fontsize=8, frameon=False)
+    fig.suptitle(literal(title + title_mark(profiles)))
     return fig
 
 
@@ -93,7 +96,7 @@ def figure2(images: ImageSet):
     for coarse, ax in enumerate(axes):
         i = int(np.flatnonzero(images.train_coarse == coarse)[0])
         ax.imshow(images.train_images[i].transpose(1, 2, 0))
-        ax.set_title(images.classes[images.train_labels[i]], fontsize=8)
+        ax.set_title(literal(images.classes[images.train_labels[i]]), fontsize=8)
         ax.axis("off")
     return fig
 
@@ -109,18 +112,21 @@ def figure3(images: ImageSet, padding_mode: str, seed: int = 0):
     for img, ax in zip(x, axes.ravel(), strict=False):
         ax.imshow(img.transpose(1, 2, 0))
         ax.axis("off")
-    fig.suptitle(f"A training mini-batch: random 32x32 crops of {PAD}-pixel {padding_mode}-padded "
-                 "images, half of them flipped", fontsize=9)
+    fig.suptitle(literal(f"A training mini-batch: random 32x32 crops of {PAD}-pixel "
+                         f"{padding_mode}-padded images, half of them flipped"), fontsize=9)
     return fig
 
 
 def confusion_figure(confusion: np.ndarray, groups: list[str], title: str):
+    """Rows: true group, columns: predicted. The groups are the data set's (its folders' names)
+    and the title names a run: both drawn `literal`."""
     fig, ax = plt.subplots(figsize=(8, 7))
     im = ax.imshow(confusion, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(groups)), groups, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
+    names = [literal(g) for g in groups]
+    ax.set_xticks(range(len(groups)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(groups)), names, fontsize=7)
+    ax.set_xlabel(literal("predicted"))
+    ax.set_ylabel(literal("true"))
+    ax.set_title(literal(title), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return fig

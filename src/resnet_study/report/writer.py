@@ -9,7 +9,10 @@ as such, with its overrides named, in every output, and is not compared with the
 from __future__ import annotations
 
 import csv
+import io
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from ..config import (
 )
 from ..data.sources import ImageSet
 from ..data.store import load_images
+from ..files import write_text
 from ..plots import Figure, save
 from . import page
 from .figures import (
@@ -52,6 +56,62 @@ class Report:
 
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}min {round(seconds % 60)}s"
+
+
+def _write_csv(path: Path, rows: Iterable[list]) -> None:
+    """Rows as CSV, written atomically like every report file (`files`: a full disk or a kill
+    leaves the last complete file, and a link at its name is replaced, never written through).
+    With the csv module's own "\\r\\n" line ends, not `files.write_csv`'s "\\n": the report's
+    tables have always had them, and benchmarks/behaviour.py digests them byte for byte."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def _cells(columns: list[str], rows: Iterable[dict]) -> list[list]:
+    """Dict rows as CSV rows under a header of `columns`, as csv.DictWriter writes them: other
+    keys left out, a missing key or None an empty cell."""
+    return [columns, *([row.get(c) for c in columns] for row in rows)]
+
+
+# --- escaping ---------------------------------------------------------------------------------
+# Names, row labels and settings come from the runs' config.json files, which travel and are
+# edited by hand: in table1.tex and table1.md they are text, whatever characters they hold.
+
+_LINE_BREAKS_AND_CONTROLS = {c: " " for c in (*range(32), 127, 0x85, 0x2028, 0x2029)}
+_TEX = str.maketrans({"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&",
+                      "#": r"\#", "^": r"\textasciicircum{}", "_": r"\_", "~": r"\textasciitilde{}",
+                      "%": r"\%", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+                      "±": r"$\pm$", **_LINE_BREAKS_AND_CONTROLS})
+
+
+def tex_escape(text: str) -> str:
+    """`text` as LaTeX typesets it, in any font encoding: each special character as its command
+    (<, > and | too, which OT1 fonts hold other glyphs for), a line break or control character
+    (a blank line ends a tabular's row, a control character stops pdflatex) as a space, and a
+    leading [ or * behind {}, where the row end before it (\\\\) would take it as its argument.
+    Other characters are kept as written, in UTF-8, which LaTeX reads by default."""
+    out = text.translate(_TEX)
+    return "{}" + out if out.lstrip(" ").startswith(("[", "*")) else out
+
+
+_MARKDOWN = re.compile(r"[\\|`*]|\](?=\()|(?<![^\W_])_|_(?![^\W_])")
+_MARKDOWN_ENTITIES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "~": "&#126;",
+                                    **_LINE_BREAKS_AND_CONTROLS})
+
+
+def markdown_escape(text: str) -> str:
+    """`text` as a Markdown table cell shows it: no HTML (<, > and & as entities), no cell
+    break (|), no code, emphasis, strike-through (~, an entity: Python-Markdown does not take
+    its backslash escape) or link, no new line. A Markdown character is escaped where it can
+    act: _ between two letters or digits is no emphasis, and a bracket makes a link only as
+    [text](...), the table having no line that could define a reference, so citations like
+    "[18]" stay as they were written."""
+    return _MARKDOWN.sub(lambda m: "\\" + m[0], text.translate(_MARKDOWN_ENTITIES))
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(markdown_escape(c) for c in cells) + " |"
 
 
 # --- Table 1 ----------------------------------------------------------------------------------
@@ -122,33 +182,29 @@ def table_head(rows: list[dict]) -> list[str]:
 
 
 def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
+    """Table 1 three ways: table1.csv for programs (every number in full), table1.md and
+    table1.tex to read and to paste into a paper, the runs' text escaped in each."""
     profiles = {r["profile"] for r in rows}
     note = " ".join([*protocol_notes(profiles),
                      f"Measured on {dataset}; the paper's column is CIFAR-100."])
     columns = ["experiment", "row", "params", "epochs", "train_seconds", "top1_mean", "top1_std",
                "n", "paper_top1", "difference", "profile", "settings"]
-    with open(out / "table1.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        for lit in unmeasured_literature(rows):
-            writer.writerow({"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature",
-                             "settings": "literature (not re-measured)"})
+    literature = [{"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature",
+                   "settings": "literature (not re-measured)"}
+                  for lit in unmeasured_literature(rows)]
+    _write_csv(out / "table1.csv", _cells(columns, [*rows, *literature]))
 
     head = table_head(rows)
     body = table_cells(rows)
-    md = [f"*{note}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(line) + " |" for line in body]
-    (out / "table1.md").write_text("\n".join(md) + "\n")
+    md = [f"*{markdown_escape(note)}*", "", _markdown_row(head), "|" + "---|" * len(head)]
+    md += [_markdown_row(line) for line in body]
+    write_text(out / "table1.md", "\n".join(md) + "\n")
 
-    def tex(s: str) -> str:
-        return s.replace("±", r"$\pm$").replace("%", r"\%").replace("_", r"\_")
-
-    lines = [r"% " + note, r"\begin{tabular}{lrrrrrrl}", r"\hline",
-             " & ".join(tex(h) for h in head) + r" \\", r"\hline"]
-    lines += [" & ".join(tex(c) for c in line) + r" \\" for line in body]
+    lines = [r"% " + " ".join(note.splitlines()), r"\begin{tabular}{lrrrrrrl}", r"\hline",
+             " & ".join(tex_escape(h) for h in head) + r" \\", r"\hline"]
+    lines += [" & ".join(tex_escape(c) for c in line) + r" \\" for line in body]
     lines += [r"\hline", r"\end{tabular}"]
-    (out / "table1.tex").write_text("\n".join(lines) + "\n")
+    write_text(out / "table1.tex", "\n".join(lines) + "\n")
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -239,11 +295,9 @@ def _write_per_class(classes: dict, results: dict[str, list[Run]], images: Image
     if group_word == "superclass":
         tables.append(("superclass", images.superclasses, "group"))
     for label, keys, field in tables:
-        with open(out / f"per_{label}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([label, *heads, "profile"])
-            for i, key in enumerate(keys):
-                w.writerow([key, *(f"{classes[n][field][i]:.4f}" for n in names), profile])
+        _write_csv(out / f"per_{label}.csv", [[label, *heads, "profile"], *(
+            [key, *(f"{classes[n][field][i]:.4f}" for n in names), profile]
+            for i, key in enumerate(keys))])
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -260,12 +314,9 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     rows = table_rows(results, without_result)
     profile = combined_profile({r["profile"] for r in rows if r["n"]})
     comparisons = compare_with_base(results)
-    with open(out / "statistics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["experiment", "difference", "ci_low", "ci_high",
-                                               "p_value", "n", "n_base", "method", "sentence",
-                                               "settings", "profile"])
-        writer.writeheader()
-        writer.writerows({**c, "profile": profile} for c in comparisons)
+    _write_csv(out / "statistics.csv", _cells(
+        ["experiment", "difference", "ci_low", "ci_high", "p_value", "n", "n_base", "method",
+         "sentence", "settings", "profile"], ({**c, "profile": profile} for c in comparisons)))
     notes: list[str] = []  # what could not be drawn, and why
     images = _images(results, notes)
     dataset = images.name if images else (
@@ -281,7 +332,7 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     inside = (study_section(results, out, best, log) if inspect
               else Inside([], [], ["Not inspected (report --no-inspect)."]))
     index = out / "index.html"
-    index.write_text(page.render(page.Page(
+    write_text(index, page.render(page.Page(
         root=root, dataset=dataset, rows=rows, head=table_head(rows), cells=table_cells(rows),
         comparisons=comparisons, figures=figures, notes=notes, classes=classes,
         group_word=group_word, without_result=without_result, inside=inside)))
