@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from resnet_study.cli import main
-from resnet_study.report.writer import markdown_escape, report, tex_escape
+from resnet_study.report.escape import markdown_escape, tex_escape
+from resnet_study.report.writer import report
 from resnet_study.study import plan, run_study
 
 from .helpers import write_class_folders
