@@ -247,3 +247,18 @@ def test_a_config_json_of_an_earlier_version_still_loads():
     again = Experiment.from_dict(earlier)
     assert again == exp and again.execution.eval_batch_size == 10
     assert again.profile == "custom" and again.overrides() == {"epochs": 5}
+
+
+def test_a_rerun_with_another_recipe_is_refused_not_counted_as_done(tmp_path):
+    """Issue 19, part 2: the same study with --lr 0.5 over runs trained at 0.01 printed
+    "1 already finished" and exited 0."""
+    tiny = {"data": "synthetic", "subset": 64, "test_subset": 32, "batch_size": 32, "epochs": 1,
+            "device": "cpu"}
+    assert run_study(plan(["resnet18-lr0.01"], 1, tmp_path, tiny, quick=False),
+                     log=lambda m: None)["completed"]
+    with pytest.raises(UsageError, match=r"resnet18-lr0.01/seed-0 was trained with lr=0.01, "
+                                         r"not 0.5; choose another --out"):
+        run_study(plan(["resnet18-lr0.01"], 1, tmp_path, {**tiny, "lr": 0.5}, quick=False))
+    again = run_study(plan(["resnet18-lr0.01"], 1, tmp_path, {**tiny, "precision": "fp32"},
+                           quick=False), log=lambda m: None)  # execution: not a difference
+    assert again["skipped"] == ["resnet18-lr0.01/seed-0"]

@@ -16,7 +16,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -269,6 +269,20 @@ class Experiment:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
                              "execution": ExecutionConfig}
 RECIPE_SECTIONS = ("model", "data", "train")  # what the protocol trains
+
+
+def first_difference(old: Experiment, new: Experiment, sections: Iterable[str] = SECTIONS,
+                     ignore: Callable[[dataclasses.Field], bool] = lambda f: False
+                     ) -> tuple[str, Any, Any] | None:
+    """The first setting of `sections` (fields not ignored) in which two experiments differ, as
+    (name, old value, new value); None if there is none."""
+    for section in sections:
+        for f in dataclasses.fields(getattr(new, section)):
+            before, now = getattr(getattr(old, section), f.name), getattr(getattr(new, section),
+                                                                          f.name)
+            if not ignore(f) and before != now:
+                return f.name, before, now
+    return None
 SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
 # Settings that choose how and where a run executes, not what the paper's protocol trains: a run
 # that changes them still follows the paper. (The data set is named on its own in every output.)

@@ -8,6 +8,7 @@ same command, or several shards of it on several machines, picks up exactly what
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -19,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .config import Experiment, UsageError, get_experiment, one_line
+from .config import (
+    RECIPE_SECTIONS,
+    Experiment,
+    UsageError,
+    first_difference,
+    get_experiment,
+    one_line,
+)
 from .data.sources import ImageSet
 from .data.splits import check_sizes
 from .data.store import load_images
@@ -75,6 +83,23 @@ def plan(names: list[str], seeds: int, root: Path, overrides: dict, quick: bool,
             runs.append(Run(base.replace(seed=seed), root / name / f"seed-{seed}"))
     i, n = shard
     return runs[i - 1::n]
+
+
+def check_folders(runs: list[Run]) -> None:
+    """Refuse a study whose folder holds runs trained with another recipe: a rerun would count
+    them as done (or resume them) under settings they never had. Execution settings (device,
+    precision, ...) are not differences; a config.json that cannot be read is left to the run,
+    which reports it."""
+    for run in runs:
+        try:
+            old = Experiment.from_dict(json.loads((run.out / "config.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError, UsageError):
+            continue
+        difference = first_difference(old, run.experiment, RECIPE_SECTIONS)
+        if difference is not None:
+            name, before, now = difference
+            raise UsageError(f"{run.label} was trained with {name}={before!r}, not {now!r}; "
+                             "choose another --out")
 
 
 def status(run: Run) -> str:
@@ -241,6 +266,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     `auto_runs_per_device`); returns run labels by outcome. Several runs at once, or runs on
     listed devices, are worker processes; one run at a time on one device runs in this one."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_folders(runs)
     outcomes: dict[str, list[str]] = {"completed": [], "diverged": [], "stopped": [],
                                       "failed": [], "skipped": [], "held": []}
     todo = []

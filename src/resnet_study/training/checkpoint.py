@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RESUMABLE, SECTIONS, Experiment, UsageError
+from ..config import RESUMABLE, Experiment, UsageError, first_difference
 from ..data.splits import Splits, make_splits
 from ..files import load_tensors, write_bytes
 from ..models import build_model
@@ -66,15 +66,12 @@ def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) ->
         old = Experiment.from_dict(saved)
     except (UsageError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: its experiment cannot be read ({e})") from None
-    for section in SECTIONS:
-        for f in dataclasses.fields(getattr(exp, section)):
-            before, now = getattr(getattr(old, section), f.name), getattr(getattr(exp, section),
-                                                                          f.name)
-            if f.metadata != RESUMABLE and before != now:
-                raise UsageError(
-                    f"{path} was written by experiment {saved.get('name')!r} with "
-                    f"{f.name}={before!r}, not {now!r}; resume with the same settings or "
-                    "choose another --out")
+    difference = first_difference(old, exp, ignore=lambda f: f.metadata == RESUMABLE)
+    if difference is not None:
+        name, before, now = difference
+        raise UsageError(f"{path} was written by experiment {saved.get('name')!r} with "
+                         f"{name}={before!r}, not {now!r}; resume with the same settings or "
+                         "choose another --out")
 
 
 def _mismatch(saved: dict, expected: dict) -> str:
