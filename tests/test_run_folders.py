@@ -137,3 +137,34 @@ def test_a_full_disk_during_train_is_one_line_and_keeps_the_epoch_before(tmp_pat
     assert torch.load(after / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert json.loads((after / "summary.json").read_text())["status"] == "failed"
     assert not list(after.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+def test_a_full_disk_during_report_is_one_line_and_leaves_each_file_whole(tmp_path):
+    """Finding 4: a disk that filled during `report` left index.html truncated. Here the study
+    (its checkpoints left out: `--no-inspect` does not read them) sits on a tmpfs with room for
+    the tables but not for every figure."""
+    runs = plan(["resnet18-lr0.01"], 2, tmp_path / "s",
+                {"data": "synthetic", "subset": 64, "test_subset": 32, "batch_size": 32,
+                 "epochs": 1, "device": "cpu"}, quick=False)
+    run_study(runs, log=lambda m: None)
+    for run in runs:
+        (run.out / "checkpoint.pt").unlink()
+        shutil.rmtree(run.out / "tensorboard", ignore_errors=True)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = [sys.executable, "-m", "resnet_study", "report", f"{disk}/s", "--no-inspect"]
+    script = (f"mount -t tmpfs -o size=700k tmpfs {disk} && cp -r {tmp_path}/s {disk}/s && "
+              f"{' '.join(command)}; code=$?; cp -a {disk}/s/report {tmp_path}/after; exit $code")
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=300)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(err) == 1 and "No space left on device" in err[0], result.stderr
+    after = tmp_path / "after"
+    assert {r["experiment"] for r in rows(after / "table1.csv")} >= {"resnet18-lr0.01"}
+    ends = {".svg": b"</svg>", ".html": b"</html>", ".png": b"IEND\xaeB`\x82"}
+    for f in after.iterdir():  # each file there is whole (the one that failed is not there)
+        if f.suffix in ends:
+            assert f.read_bytes().rstrip().endswith(ends[f.suffix]), f.name
+    assert not list(after.glob(".*.tmp"))
