@@ -115,24 +115,33 @@ def test_a_non_finite_final_state_is_diverged(tmp_path, capsys):
     assert "non-finite" in capsys.readouterr().err
 
 
+def on_a_small_disk(tmp_path: Path, size: str, args: list[str], copy_in: str | None,
+                    keep: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the CLI with `args` ({disk} in them: a tmpfs of `size`, mounted in a mount namespace
+    of its own), `tmp_path/copy_in` copied onto the disk first; returns the result and a copy
+    of `keep` (under the disk) as the command left it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = " ".join([sys.executable, "-m", "resnet_study", *args]).format(disk=disk)
+    copy = f"cp -r {tmp_path}/{copy_in} {disk}/{copy_in} && " if copy_in else ""
+    script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && {copy}{command}; code=$?; "
+              f"cp -a {disk}/{keep} {tmp_path}/after; exit $code")
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=300)
+    return result, tmp_path / "after"
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
 def test_a_full_disk_during_train_is_one_line_and_keeps_the_epoch_before(tmp_path):
     """Finding 3: on a tmpfs that holds one checkpoint but not the write of a second, the
     second epoch's checkpoint fails: one line, exit 1, and the first epoch's files whole."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    run = disk / "run"
-    command = [sys.executable, "-m", "resnet_study", "train", "resnet18-lr0.01", *TINY,
-               "--epochs", "2", "--out", str(run)]
-    script = (f"mount -t tmpfs -o size=120m tmpfs {disk} && {' '.join(command)}; "
-              f"code=$?; cp -a {disk}/run {tmp_path}/after; exit $code")
-    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script],
-                            capture_output=True, text=True, timeout=300)
+    result, after = on_a_small_disk(tmp_path, "120m", ["train", "resnet18-lr0.01", *TINY,
+                                                       "--epochs", "2", "--out", "{disk}/run"],
+                                    None, "run")
     err = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr
     assert "No space left on device" in err[-1] and "checkpoint.pt" in err[-1]
     assert "Traceback" not in result.stderr
-    after = tmp_path / "after"
     assert [int(r["epoch"]) for r in rows(after / "metrics.csv")] == [1]
     assert torch.load(after / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert json.loads((after / "summary.json").read_text())["status"] == "failed"
@@ -151,17 +160,11 @@ def test_a_full_disk_during_report_is_one_line_and_leaves_each_file_whole(tmp_pa
     for run in runs:
         (run.out / "checkpoint.pt").unlink()
         shutil.rmtree(run.out / "tensorboard", ignore_errors=True)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    command = [sys.executable, "-m", "resnet_study", "report", f"{disk}/s", "--no-inspect"]
-    script = (f"mount -t tmpfs -o size=700k tmpfs {disk} && cp -r {tmp_path}/s {disk}/s && "
-              f"{' '.join(command)}; code=$?; cp -a {disk}/s/report {tmp_path}/after; exit $code")
-    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script],
-                            capture_output=True, text=True, timeout=300)
+    result, after = on_a_small_disk(tmp_path, "700k", ["report", "{disk}/s", "--no-inspect"],
+                                    "s", "s/report")
     err = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr
     assert len(err) == 1 and "No space left on device" in err[0], result.stderr
-    after = tmp_path / "after"
     assert {r["experiment"] for r in rows(after / "table1.csv")} >= {"resnet18-lr0.01"}
     ends = {".svg": b"</svg>", ".html": b"</html>", ".png": b"IEND\xaeB`\x82"}
     for f in after.iterdir():  # each file there is whole (the one that failed is not there)

@@ -12,7 +12,7 @@ import os
 import socket
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -66,12 +66,20 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
+def write_rows(path: Path, rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> None:
+    """CSV rows (the header among them). The report's tables keep the csv module's own "\r\n",
+    which they have always had; the run files have "\n"."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    csv.writer(text, lineterminator=lineterminator).writerows(rows)
     write_text(path, text.getvalue())
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str],
+              lineterminator: str = "\n") -> None:
+    """Dict rows under a header of `columns`: other keys left out, a missing key or None an
+    empty cell."""
+    write_rows(path, [columns, *([row.get(c) for c in columns] for row in rows)],
+               lineterminator)
 
 
 class FolderHeld(UsageError):

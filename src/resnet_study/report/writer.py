@@ -8,10 +8,7 @@ as such, with its overrides named, in every output, and is not compared with the
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from ..config import (
 )
 from ..data.sources import ImageSet
 from ..data.store import load_images
-from ..files import write_text
+from ..files import write_csv, write_rows, write_text
 from ..plots import Figure, save
 from . import page
 from .escape import markdown_escape, tex_escape
@@ -58,20 +55,7 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}min {round(seconds % 60)}s"
 
 
-def _write_csv(path: Path, rows: Iterable[list]) -> None:
-    """Rows as CSV, written atomically like every report file (`files`: a full disk or a kill
-    leaves the last complete file, and a link at its name is replaced, never written through).
-    With the csv module's own "\\r\\n" line ends, not `files.write_csv`'s "\\n": the report's
-    tables have always had them, and benchmarks/behaviour.py digests them byte for byte."""
-    text = io.StringIO()
-    csv.writer(text).writerows(rows)
-    write_text(path, text.getvalue())
-
-
-def _cells(columns: list[str], rows: Iterable[dict]) -> list[list]:
-    """Dict rows as CSV rows under a header of `columns`, as csv.DictWriter writes them: other
-    keys left out, a missing key or None an empty cell."""
-    return [columns, *([row.get(c) for c in columns] for row in rows)]
+CRLF = "\r\n"  # the report's CSV files have always had the csv module's own line ends
 
 
 def _markdown_row(cells: list[str]) -> str:
@@ -156,7 +140,7 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
     literature = [{"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature",
                    "settings": "literature (not re-measured)"}
                   for lit in unmeasured_literature(rows)]
-    _write_csv(out / "table1.csv", _cells(columns, [*rows, *literature]))
+    write_csv(out / "table1.csv", [*rows, *literature], columns, CRLF)
 
     head = table_head(rows)
     body = table_cells(rows)
@@ -259,9 +243,9 @@ def _write_per_class(classes: dict, results: dict[str, list[Run]], images: Image
     if group_word == "superclass":
         tables.append(("superclass", images.superclasses, "group"))
     for label, keys, field in tables:
-        _write_csv(out / f"per_{label}.csv", [[label, *heads, "profile"], *(
+        write_rows(out / f"per_{label}.csv", [[label, *heads, "profile"], *(
             [key, *(f"{classes[n][field][i]:.4f}" for n in names), profile]
-            for i, key in enumerate(keys))])
+            for i, key in enumerate(keys))], CRLF)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -278,9 +262,9 @@ def report(root: Path, inspect: bool = True, log=None) -> Report:
     rows = table_rows(results, without_result)
     profile = combined_profile({r["profile"] for r in rows if r["n"]})
     comparisons = compare_with_base(results)
-    _write_csv(out / "statistics.csv", _cells(
-        ["experiment", "difference", "ci_low", "ci_high", "p_value", "n", "n_base", "method",
-         "sentence", "settings", "profile"], ({**c, "profile": profile} for c in comparisons)))
+    write_csv(out / "statistics.csv", ({**c, "profile": profile} for c in comparisons),
+              ["experiment", "difference", "ci_low", "ci_high", "p_value", "n", "n_base",
+               "method", "sentence", "settings", "profile"], CRLF)
     notes: list[str] = []  # what could not be drawn, and why
     images = _images(results, notes)
     dataset = images.name if images else (
