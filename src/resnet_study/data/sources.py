@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .tree import SIZE, DataError, Tree
@@ -227,21 +226,6 @@ def _read_class_folders(tree: Tree, root: str, name: str, progress: bool) -> Ima
                 bar.update()
             splits += [images, np.array([label for _, label in files], dtype=np.int64)]
     return ImageSet(name, classes, *splits)
-
-
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """An image file as 3x32x32 uint8; a `tree.Decode`, so an archive's images are decoded as
-    they stream past."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size != (SIZE, SIZE):
-                raise DataError(f"{where}: image is {im.width}x{im.height}, "
-                                f"expected {SIZE}x{SIZE}")
-            return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
-    except UnidentifiedImageError:
-        raise DataError(f"{where}: not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: damaged image ({e})") from None
 
 
 # --- synthetic data ---------------------------------------------------------------------------

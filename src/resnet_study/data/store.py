@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..files import atomic_open
-from .sources import ImageSet, decode_image, read_tree, synthetic
+from .sources import ImageSet, read_tree, synthetic
 from .tree import DataError, archive_tree, folder_tree
 
 ARCHIVES = {"cifar100": "cifar-100-python.tar.gz", "cifar10": "cifar-10-python.tar.gz"}
@@ -46,7 +46,7 @@ def load_images(spec: str, *, cache_dir: Path | None = None, progress: bool = Tr
     if spec in ARCHIVES:
         def decode() -> ImageSet:
             archive = _official_archive(spec, decoded.parent, progress)
-            return read_tree(archive_tree(archive, decode_image), spec, progress)
+            return read_tree(archive_tree(archive), spec, progress)
         return _cached(decoded / f"{spec}-{MD5[spec]}.npz", spec, decode)
 
     path = Path(spec).expanduser()
@@ -58,7 +58,7 @@ def load_images(spec: str, *, cache_dir: Path | None = None, progress: bool = Tr
     name = _stem(path)
     tree = archive_tree if path.is_file() else folder_tree
     return _cached(decoded / f"{name}-{_fingerprint(path)}.npz", name,
-                   lambda: read_tree(tree(path, decode_image), name, progress))
+                   lambda: read_tree(tree(path), name, progress))
 
 
 # --- the decoded cache ------------------------------------------------------------------------

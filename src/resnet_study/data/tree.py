@@ -2,16 +2,18 @@
 it is read.
 
 A data path is untrusted, and an archive most of all: it is small on disk and may declare
-anything. So turning a path into its files is kept apart from reading those files as images: a
+anything. So turning a path into its files is kept apart from reading them as a data set: a
 folder is walked, an archive streamed once in memory and never extracted, and every file, every
-archive member and tarfile's own headers are held to a bound before a byte of them is read. The
-readers in `sources` then take what is here by name, and never see a file over its bound.
+archive member and tarfile's own headers are held to a bound before a byte of them is read; an
+archive's image files are decoded as they stream past (`decode_image`). The readers in
+`sources` then take what is here by name, and never see a file over its bound.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import posixpath
 import tarfile
@@ -22,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..config import UsageError
 
@@ -63,11 +66,6 @@ class DataError(UsageError):
     """A fault in the user's data, reported as one line naming the file."""
 
 
-# How an image file's bytes become 3x32x32 uint8, given them and where they are from; a fault
-# is a `DataError`. The readers in `sources` own decoding; a tree only calls it.
-Decode = Callable[[bytes, str], np.ndarray]
-
-
 @dataclass
 class Tree:
     """The regular, non-hidden files of a folder or archive, by relative POSIX path. A folder's
@@ -76,7 +74,6 @@ class Tree:
 
     root: Path
     files: dict[str, Path | bytes | None]
-    decode: Decode
     images: dict[str, np.ndarray | str] = field(default_factory=dict)  # decoded, or its fault
 
     def read(self, rel: str) -> bytes:
@@ -95,13 +92,28 @@ class Tree:
         """An image as 3x32x32 uint8; its fault, if decoding it failed, as a `DataError`."""
         got = self.images.get(rel)
         if got is None:
-            return self.decode(self.read(rel), self.where(rel))
+            return decode_image(self.read(rel), self.where(rel))
         if isinstance(got, str):
             raise DataError(got)
         return got
 
     def where(self, rel: str) -> str:
         return f"{self.root}/{rel}"
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """An image file as 3x32x32 uint8, where the tree meets it: an archive's images are decoded
+    as they stream past, so that none is held as its file."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size != (SIZE, SIZE):
+                raise DataError(f"{where}: image is {im.width}x{im.height}, "
+                                f"expected {SIZE}x{SIZE}")
+            return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: damaged image ({e})") from None
 
 
 def _hidden(rel: PurePosixPath) -> bool:
@@ -126,22 +138,22 @@ def _check_size(where: str, role: str, size: int) -> None:
                         "not read")
 
 
-def folder_tree(root: Path, decode: Decode) -> Tree:
+def folder_tree(root: Path) -> Tree:
     files: dict[str, Path | bytes | None] = {}
     for p in sorted(root.rglob("*")):
         rel = PurePosixPath(p.relative_to(root).as_posix())
         if p.is_file() and not _hidden(rel):
             files[str(rel)] = p
-    return Tree(root, files, decode)
+    return Tree(root, files)
 
 
-def archive_tree(path: Path, decode: Decode) -> Tree:
+def archive_tree(path: Path) -> Tree:
     """Stream the archive once; nothing is written to disk, and nothing is read beyond what
     the bounds above allow (`_ArchiveReader`, `_Gate`). A member that would escape an extraction
     folder (absolute path, '..') or is a link marks a hostile or broken archive: refused."""
     try:
         with _decompressed(path) as raw:
-            reader = _ArchiveReader(path, _Gate(raw, path), decode)
+            reader = _ArchiveReader(path, _Gate(raw, path))
             with tarfile.open(fileobj=reader.gate, mode="r|") as tar:
                 for member in tar:
                     if kept := reader.admit(member):
@@ -197,8 +209,8 @@ class _ArchiveReader:
     decoded at once (3,072 bytes each, whatever their files' size, so that many image files at
     the bound cannot add up), every other member by name only."""
 
-    def __init__(self, path: Path, gate: _Gate, decode: Decode) -> None:
-        self.path, self.gate, self.tree = path, gate, Tree(path, {}, decode)
+    def __init__(self, path: Path, gate: _Gate) -> None:
+        self.path, self.gate, self.tree = path, gate, Tree(path, {})
         self.declared = self.cifar = self.image_files = 0
 
     def admit(self, member: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -238,7 +250,7 @@ class _ArchiveReader:
             data = tar.extractfile(member).read()
         if role == "image":
             try:
-                self.tree.images[key] = self.tree.decode(data, self.tree.where(key))
+                self.tree.images[key] = decode_image(data, self.tree.where(key))
             except DataError as e:  # kept as text: the exception would keep `data` alive
                 self.tree.images[key] = str(e)
             data = None
