@@ -16,7 +16,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -222,12 +222,8 @@ class Experiment:
         preset = EXPERIMENTS.get(self.name)
         if preset is None:
             return {}
-        return {f.name: getattr(mine, f.name)
-                for mine, theirs in ((getattr(self, s), getattr(preset, s))
-                                     for s in RECIPE_SECTIONS)
-                for f in dataclasses.fields(mine)
-                if f.name not in EXECUTION_FIELDS
-                and getattr(mine, f.name) != getattr(theirs, f.name)}
+        return {name: now for name, _, now in differences(
+            preset, self, RECIPE_SECTIONS, ignore=lambda f: f.name in EXECUTION_FIELDS)}
 
     @property
     def profile(self) -> str:
@@ -270,23 +266,24 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
                              "execution": ExecutionConfig}
 RECIPE_SECTIONS = ("model", "data", "train")  # what the protocol trains
 
+SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+# Settings that choose how and where a run executes, not what the paper's protocol trains: a run
+# that changes them still follows the paper. (The data set is named on its own in every output.)
+EXECUTION_FIELDS = {"data", "seed", *(f.name for f in dataclasses.fields(ExecutionConfig))}
 
-def first_difference(old: Experiment, new: Experiment, sections: Iterable[str] = SECTIONS,
-                     ignore: Callable[[dataclasses.Field], bool] = lambda f: False
-                     ) -> tuple[str, Any, Any] | None:
-    """The first setting of `sections` (fields not ignored) in which two experiments differ, as
-    (name, old value, new value); None if there is none."""
+
+def differences(old: Experiment, new: Experiment, sections: Iterable[str] = SECTIONS,
+                ignore: Callable[[dataclasses.Field], bool] = lambda f: False
+                ) -> Iterator[tuple[str, Any, Any]]:
+    """Each setting of `sections` (fields not ignored) in which two experiments differ, as
+    (name, old value, new value): a run's departures from its preset, and what refuses a resume
+    or a rerun under other settings."""
     for section in sections:
         for f in dataclasses.fields(getattr(new, section)):
             before, now = getattr(getattr(old, section), f.name), getattr(getattr(new, section),
                                                                           f.name)
             if not ignore(f) and before != now:
-                return f.name, before, now
-    return None
-SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
-# Settings that choose how and where a run executes, not what the paper's protocol trains: a run
-# that changes them still follows the paper. (The data set is named on its own in every output.)
-EXECUTION_FIELDS = {"data", "seed", *(f.name for f in dataclasses.fields(ExecutionConfig))}
+                yield f.name, before, now
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .config import (
     RECIPE_SECTIONS,
     Experiment,
     UsageError,
-    first_difference,
+    differences,
     get_experiment,
     one_line,
 )
@@ -95,7 +95,7 @@ def check_folders(runs: list[Run]) -> None:
             old = Experiment.from_dict(json.loads((run.out / "config.json").read_text()))
         except (OSError, ValueError, KeyError, TypeError, UsageError):
             continue
-        difference = first_difference(old, run.experiment, RECIPE_SECTIONS)
+        difference = next(differences(old, run.experiment, RECIPE_SECTIONS), None)
         if difference is not None:
             name, before, now = difference
             raise UsageError(f"{run.label} was trained with {name}={before!r}, not {now!r}; "

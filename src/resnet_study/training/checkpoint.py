@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RESUMABLE, Experiment, UsageError, first_difference
+from ..config import RESUMABLE, Experiment, UsageError, differences
 from ..data.splits import Splits, make_splits
 from ..files import load_tensors, write_bytes
 from ..models import build_model
@@ -66,7 +66,8 @@ def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) ->
         old = Experiment.from_dict(saved)
     except (UsageError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: its experiment cannot be read ({e})") from None
-    difference = first_difference(old, exp, ignore=lambda f: f.metadata == RESUMABLE)
+    difference = next(differences(old, exp, ignore=lambda f: f.metadata == RESUMABLE),
+                      None)
     if difference is not None:
         name, before, now = difference
         raise UsageError(f"{path} was written by experiment {saved.get('name')!r} with "
