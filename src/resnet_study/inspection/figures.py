@@ -1,6 +1,6 @@
 """The figures of one inspected model: feature maps, stem filters, Grad-CAM overlays,
-activation statistics per block, and a t-SNE map beside the per-class accuracy. Every text they
-are given goes through `plots.literal`: run, class and block names are the user's."""
+activation statistics per block, and a t-SNE map beside the per-class accuracy. Every text from
+the run or its data (run, class and block names) goes through `plots.literal`."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def feature_map_figure(images: np.ndarray, maps: np.ndarray, channels: int, titl
     fig, ax = plt.subplots(figsize=(1.2 * (len(top) + 1), 1.2 * len(images)))
     ax.imshow(_mosaic(rows), interpolation="nearest")
     ax.set_xticks([(size + 2) * k + size / 2 for k in range(len(top) + 1)],
-                  [literal(t) for t in ("image", *(f"ch {c}" for c in top))], fontsize=7)
+                  ["image", *(f"ch {c}" for c in top)], fontsize=7)
     ax.set_yticks([])
     ax.xaxis.tick_top()
     side = maps.shape[-1]
@@ -99,8 +99,8 @@ def activations_figure(rows_by_label: dict[str, list[dict]], title: str):
     lengths = {len(rows) for rows in rows_by_label.values()}
     names = [r["block"] for r in next(iter(rows_by_label.values()))] if len(lengths) == 1 else []
     for ax, (key, ylabel) in zip(axes, ACTIVATION_PANELS, strict=True):
-        ax.set_ylabel(literal(ylabel))
-        ax.set_xlabel(literal("block" if names else "block (in order)"))
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("block" if names else "block (in order)")
         if names:
             step = max(1, len(names) // 8)
             ax.set_xticks(range(0, len(names), step), [literal(n) for n in names[::step]],
@@ -131,8 +131,7 @@ def embedding_figure(xy: np.ndarray, colour: np.ndarray, colour_names: list[str]
                    for v in present]
         left.legend(handles, [literal(colour_names[i]) for i in present], fontsize=6,
                     loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    left.set_title(literal(f"t-SNE of the penultimate features ({len(labels)} test images)"),
-                   fontsize=9)
+    left.set_title(f"t-SNE of the penultimate features ({len(labels)} test images)", fontsize=9)
     left.set_xticks([])
     left.set_yticks([])
     n = len(classes)
@@ -143,9 +142,9 @@ def embedding_figure(xy: np.ndarray, colour: np.ndarray, colour_names: list[str]
     right.barh(range(n), accuracy[order], height=0.8)
     right.set_yticks(range(n), [literal(classes[i]) for i in order],
                      fontsize=7 if n <= 20 else 3)
-    right.set_xlabel(literal("test accuracy on these images"))
+    right.set_xlabel("test accuracy on these images")
     right.set_xlim(0, 1)
-    right.set_title(literal("per-class accuracy"), fontsize=9)
+    right.set_title("per-class accuracy", fontsize=9)
     fig.suptitle(literal(title), fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,6 +1,6 @@
 """The report's figures: the paper's loss curves with seed bands, its data figures, and the
 class confusion it lacked. Each is saved as SVG (byte-stable) and PNG (embedded in the page).
-Every text they are given goes through `plots.literal`: run and class names are the user's."""
+Every text from the runs or the data (run, class and group names) goes through `plots.literal`."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def curves_figure(results: dict[str, list[Run]], names: list[str], title: str):
             ax.set_yscale("log")  # one diverging run must not flatten the others
             label += " (log scale)"
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel(literal("epoch"))
-        ax.set_ylabel(literal(label))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if legend:  # below the panels, where long labels (overrides) cover no curve
         fig.legend(*zip(*legend, strict=True), loc="upper center", bbox_to_anchor=(0.5, 0.0),
@@ -112,8 +112,8 @@ def figure3(images: ImageSet, padding_mode: str, seed: int = 0):
     for img, ax in zip(x, axes.ravel(), strict=False):
         ax.imshow(img.transpose(1, 2, 0))
         ax.axis("off")
-    fig.suptitle(literal(f"A training mini-batch: random 32x32 crops of {PAD}-pixel "
-                         f"{padding_mode}-padded images, half of them flipped"), fontsize=9)
+    fig.suptitle(f"A training mini-batch: random 32x32 crops of {PAD}-pixel {padding_mode}-padded "
+                 "images, half of them flipped", fontsize=9)
     return fig
 
 
@@ -125,8 +125,8 @@ def confusion_figure(confusion: np.ndarray, groups: list[str], title: str):
     names = [literal(g) for g in groups]
     ax.set_xticks(range(len(groups)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(groups)), names, fontsize=7)
-    ax.set_xlabel(literal("predicted"))
-    ax.set_ylabel(literal("true"))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
     ax.set_title(literal(title), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return fig
