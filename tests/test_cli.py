@@ -49,7 +49,7 @@ def test_experiments_table_is_readable(capsys):
      "schedule = multistep"),
     (["train", "resnet18-lr0.01", "--schedule", "multistep", "--milestones", "2,1"],
      "milestones must be increasing epochs >= 1, not [2, 1]"),
-    (["study", "--group", "nosuch"], "invalid choice: 'nosuch' (choose from 'literature'"),
+    (["study", "--group", "nosuch"], "unknown group 'nosuch'; choose one of: paper, literature"),
     (["evaluate", "/no/such/run"], "not a run directory"),
 ])
 def test_bad_input_is_one_line_on_stderr(args, message, tmp_path):

@@ -12,7 +12,8 @@ from scipy import stats
 from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
 from resnet_study.cli import main
-from resnet_study.config import PAPER, PROTOCOL_NOTES
+from resnet_study.config import PAPER
+from resnet_study.labels import PROTOCOL_NOTES
 from resnet_study.report.figures import curves_figure
 from resnet_study.report.runs import scan
 from resnet_study.report.writer import report

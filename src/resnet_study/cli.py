@@ -14,15 +14,17 @@ import os
 import sys
 from pathlib import Path
 
+from . import experiment_files
 from .config import (
-    EXPERIMENTS,
-    GROUPS,
+    BASE_EXPERIMENT,
     SECTIONS,
     Experiment,
     Interrupted,
     UsageError,
+    all_experiments,
     field_specs,
     get_experiment,
+    groups,
 )
 
 EXIT_USAGE = 2
@@ -95,9 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_experiment_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiments", dest="experiment_files", action="append", type=Path,
+                        default=[], metavar="FILE.toml",
+                        help="your own experiments, each extending a named one (repeatable; "
+                             "README, 'Your own ablations and a search')")
+
+
 def _add_experiments(sub) -> None:
-    p = sub.add_parser("experiments", help="list the paper's experiments")
+    p = sub.add_parser("experiments", help="list the paper's experiments (and your own)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    add_experiment_files(p)
 
 
 def _add_train(sub) -> None:
@@ -107,6 +117,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<experiment>/seed-<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars; one line per epoch")
+    add_experiment_files(p)
     add_config_flags(p)
 
 
@@ -115,9 +126,10 @@ def _add_study(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiments", nargs="*", help="experiment names (or --all)")
     p.add_argument("--all", action="store_true", help="the paper's twelve experiments")
-    p.add_argument("--group", action="append", default=[], choices=sorted(GROUPS),
+    p.add_argument("--group", action="append", default=[],
                    help="add a group of experiments (literature: WRN-16-8 and ResNet-110, "
-                        "each with its published recipe and with the paper's)")
+                        "each with its published recipe and with the paper's; own: the "
+                        "entries of --experiments files that name no group)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per experiment")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
     p.add_argument("--quick", action="store_true",
@@ -127,6 +139,7 @@ def _add_study(sub) -> None:
     p.add_argument("--runs-per-device", default="auto",
                    help="runs at once on each device (--devices, else --device), as processes; "
                         "auto: 1 on a CPU, as many as fit on a GPU (up to 4)")
+    add_experiment_files(p)
     add_config_flags(p)
 
 
@@ -136,6 +149,8 @@ def _add_report(sub) -> None:
     p.add_argument("--no-inspect", dest="inspect", action="store_false",
                    help="leave out the section on the inside of the models (each completed run "
                         "with a checkpoint is otherwise inspected, once)")
+    p.add_argument("--base", default=BASE_EXPERIMENT,
+                   help="the experiment the statistics compare every other one with")
 
 
 def _add_bench(sub) -> None:
@@ -149,6 +164,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the torchvision Dataset/DataLoader/resnet18 pipeline")
     p.add_argument("--json", action="store_true")
+    add_experiment_files(p)
     add_config_flags(p)  # --data defaults to synthetic here: speed does not depend on pixels
 
 
@@ -178,11 +194,12 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     from .models import count_params, network
 
     rows = []
-    for name, exp in EXPERIMENTS.items():
+    for name, exp in all_experiments().items():
         with torch.device("meta"):  # count parameters without allocating 50M floats
             params = count_params(network(exp.model, num_classes=100))
         t = exp.train
-        rows.append({"name": name, "group": exp.group, "row": exp.row, "params": params,
+        rows.append({"name": name, "group": exp.group, "extends": exp.extends or None,
+                     "row": exp.row, "params": params,
                      "model": _describe_model(exp), "optimizer": t.optimizer, "lr": t.lr,
                      "schedule": _describe_schedule(t),
                      "grad_clip": f"{t.grad_clip} ({t.clip_mode})" if t.grad_clip else "none",
@@ -257,8 +274,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if "seed" in overrides:
         raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
-    names = [*(GROUPS["paper"] if args.all else args.experiments),
-             *(name for group in args.group for name in GROUPS[group])]
+    known = groups()
+    unknown = [g for g in args.group if g not in known]
+    if unknown:
+        raise UsageError(f"unknown group {unknown[0]!r}; choose one of: {', '.join(known)}")
+    names = [*(known["paper"] if args.all else args.experiments),
+             *(name for group in args.group for name in known[group])]
     names = list(dict.fromkeys(names))
     runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
     per_device = _runs_per_device(args.runs_per_device)
@@ -281,7 +302,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .report.writer import report
 
-    r = report(args.study_dir, inspect=args.inspect)
+    r = report(args.study_dir, inspect=args.inspect, base=args.base)
     print(f"report written to {r.index.parent} (open {r.index})")
     unreadable = [u for u in r.without_result if u["status"] == "unreadable"]
     if unreadable:
@@ -363,6 +384,7 @@ RESUME_HINT = {"train": "to resume, run the same command with --resume",
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        experiment_files.use(getattr(args, "experiment_files", []))
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"resnet-study: error: {e}", file=sys.stderr)

@@ -49,11 +49,36 @@ def _check_fields(obj: Any) -> None:
     config.json): `--lr inf` would otherwise train on NaN to the end."""
     for name, spec in field_specs(type(obj)).items():
         value = getattr(obj, name)
+        _check_type(obj, name, spec, value)
+        value = getattr(obj, name)
         _require(not spec.choices or value in spec.choices,
                  f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
         numbers = value if isinstance(value, tuple) else (value,)
         _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
                  f"{name} must be a finite number, not {value!r}")
+
+
+TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
+
+
+def _check_type(obj: Any, name: str, spec: FieldSpec, value: Any) -> None:
+    """Refuse a value of the wrong type (`lr = "fast"` in a TOML file, a string in a config.json)
+    with its name, before any check compares it; a whole number where a float is due is made
+    that float, so that 1 and 1.0 label a run alike."""
+    def fits(v: Any) -> bool:
+        if isinstance(v, bool) or spec.kind is bool:
+            return isinstance(v, bool) and spec.kind is bool
+        return isinstance(v, spec.kind) or (spec.kind is float and isinstance(v, int))
+
+    kind = TYPE_WORDS[spec.kind]
+    if spec.sequence:
+        _require(isinstance(value, tuple | list) and all(fits(v) for v in value),
+                 f"{name} must be a list of {kind.split(' ', 1)[1]}s, not {value!r}")
+        return
+    _require(fits(value) or (value is None and spec.optional),
+             f"{name} must be {kind}{' or none' if spec.optional else ''}, not {value!r}")
+    if spec.kind is float and isinstance(value, int):
+        object.__setattr__(obj, name, float(value))
 
 
 @dataclass(frozen=True)
@@ -191,6 +216,7 @@ class Experiment:
     row: str  # the paper's label for this row of Table 1
     notes: str = ""
     group: str = "paper"  # paper: the paper's twelve (`study --all`); or, e.g., literature
+    extends: str = ""  # the experiment an entry of the user's experiments file builds on
     quick: bool = False  # `study --quick`: a short try of the pipeline, not the paper's protocol
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,7 +245,7 @@ class Experiment:
         {"epochs": 2}. Execution settings (EXECUTION_FIELDS) are not departures."""
         if self.recorded is not None:
             return dict(self.recorded["overrides"])
-        preset = EXPERIMENTS.get(self.name)
+        preset = EXPERIMENTS.get(self.name) or OWN.get(self.name)
         if preset is None:
             return {}
         return {name: now for name, _, now in differences(
@@ -232,7 +258,8 @@ class Experiment:
             return self.recorded["profile"]
         if self.quick:
             return "quick"
-        return "paper" if self.name in EXPERIMENTS and not self.overrides() else "custom"
+        known = self.name in EXPERIMENTS or self.name in OWN
+        return "paper" if known and not self.overrides() else "custom"
 
     @property
     def settings(self) -> str:
@@ -246,6 +273,12 @@ class Experiment:
         """What a run's log says when it is not the paper's protocol, naming the departures."""
         return "" if self.profile == "paper" else f" [{self.settings}; not the paper's protocol]"
 
+    def labelled(self) -> Experiment:
+        """This experiment with its label fixed now, while the experiment files that define it
+        are loaded: a study's worker processes know only the presets."""
+        return dataclasses.replace(self, recorded={"profile": self.profile,
+                                                   "overrides": self.overrides()})
+
     def to_dict(self) -> dict[str, Any]:
         """config.json: the full recipe, and the label the run is made under."""
         d = dataclasses.asdict(self)
@@ -255,7 +288,7 @@ class Experiment:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
         return cls(name=d["name"], row=d.get("row", d["name"]), notes=d.get("notes", ""),
-                   group=d.get("group", "paper"),
+                   group=d.get("group", "paper"), extends=d.get("extends", ""),
                    quick=bool(d.get("quick", d.get("profile") == "quick")),
                    **_sections(d),
                    recorded=({"profile": d["profile"], "overrides": d["overrides"]}
@@ -350,55 +383,26 @@ for _name, _exp in EXPERIMENTS.items():
     GROUPS.setdefault(_exp.group, []).append(_name)
 
 
-# --- The protocol label ------------------------------------------------------------------------
-# Every output names a run's protocol from here: a run's own label is `Experiment.profile` and
-# `.settings` (recorded in its config.json); what follows labels runs shown together.
-
-PROTOCOL_NOTES = {
-    "quick": "QUICK profile: few epochs on a subset. A smoke test of the pipeline, not the "
-             "paper's protocol; do not compare with the paper's numbers.",
-    "custom": "Rows whose settings are not 'paper' ran with settings other than their "
-              "experiment's preset (named in the Settings column): not the paper's protocol, "
-              "so no difference from the paper's number is given for them."}
-TITLE_MARKS = {"paper": "", "quick": " [QUICK profile]",
-               "custom": " [custom settings, not the paper's protocol]"}
-# The literature row each literature experiment re-measures, and under which recipe.
-LITERATURE = {lit[recipe]: (lit, label) for lit in PAPER["literature"]
-              for recipe, label in (("published", "published recipe"),
-                                    ("paper_recipe", "paper's protocol"))}
+# The user's own experiments, from the experiment files (`--experiments FILE`) of the command
+# being run: `experiment_files.use` sets them, the presets never change.
+OWN: dict[str, Experiment] = {}
 
 
-def combined_profile(profiles: Iterable[str]) -> str:
-    """The profile of several runs shown together: quick if any is, else custom if any is."""
-    profiles = set(profiles)
-    return "quick" if "quick" in profiles else "custom" if "custom" in profiles else "paper"
+def all_experiments() -> dict[str, Experiment]:
+    """The presets, then the user's own experiments."""
+    return {**EXPERIMENTS, **OWN}
 
 
-def combined_settings(experiments: Iterable[Experiment]) -> str:
-    """The settings of an experiment's runs (normally one; several if the runs disagree)."""
-    return "; ".join(sorted({e.settings for e in experiments}))
-
-
-def title_mark(profiles: Iterable[str]) -> str:
-    """The suffix of a figure's title drawn from runs off the paper's protocol."""
-    return TITLE_MARKS[combined_profile(profiles)]
-
-
-def protocol_notes(profiles: Iterable[str]) -> list[str]:
-    """The warnings a table or page of runs with these profiles carries."""
-    profiles = set(profiles)
-    return [note for profile, note in PROTOCOL_NOTES.items() if profile in profiles]
-
-
-def settings_cell(experiment: str, settings: str) -> str:
-    """Table 1's Settings cell. A literature experiment run as its preset says is named by the
-    recipe it re-measures rather than "paper"."""
-    if experiment in LITERATURE and settings == "paper":
-        return LITERATURE[experiment][1]
-    return settings
+def groups() -> dict[str, list[str]]:
+    """Experiment names by group: the presets' groups, then the user's."""
+    out = {group: list(names) for group, names in GROUPS.items()}
+    for name, exp in OWN.items():
+        out.setdefault(exp.group, []).append(name)
+    return out
 
 
 def get_experiment(name: str) -> Experiment:
-    _require(name in EXPERIMENTS,
-             f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[name]
+    known = all_experiments()
+    _require(name in known, f"unknown experiment {name!r}; choose one of: {', '.join(known)}"
+                            " (or define it in a file given with --experiments)")
+    return known[name]

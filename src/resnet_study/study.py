@@ -79,6 +79,7 @@ def plan(names: list[str], seeds: int, root: Path, overrides: dict, quick: bool,
         base = get_experiment(name).replace(**{**(QUICK if quick else {}), **overrides})
         if quick:
             base = dataclasses.replace(base, quick=True)
+        base = base.labelled()
         for seed in range(seeds):
             runs.append(Run(base.replace(seed=seed), root / name / f"seed-{seed}"))
     i, n = shard

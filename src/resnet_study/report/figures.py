@@ -9,9 +9,9 @@ from typing import NamedTuple
 import matplotlib.ticker
 import numpy as np
 
-from ..config import title_mark
 from ..data.loader import PAD, DeviceLoader, normalization
 from ..data.sources import ImageSet
+from ..labels import title_mark
 from ..plots import literal, plt
 from .runs import Run
 

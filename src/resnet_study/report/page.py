@@ -6,7 +6,8 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import protocol_notes
+from ..config import BASE_EXPERIMENT
+from ..labels import protocol_notes
 from ..plots import Figure
 from .inside import Inside
 
@@ -26,7 +27,7 @@ class Page:
     rows: list[dict]  # Table 1's rows (`writer.table_rows`)
     head: list[str]  # and as text
     cells: list[list[str]]
-    comparisons: list[dict]  # each experiment against the base model
+    comparisons: list[dict]  # each experiment against the base model (or report --base)
     figures: list[Figure]
     notes: list[str]  # figures not drawn, and why
     classes: dict[str, dict]  # per-class results by experiment
@@ -78,7 +79,9 @@ def _measured(p: Page) -> list[str]:
                   for u in p.without_result]
         parts.append("</table>")
     if p.comparisons:
-        parts.append("<h2>Against the base model</h2><p>Difference in mean top-1, 95% "
+        against = p.comparisons[0]["against"]
+        whom = "the base model" if against == BASE_EXPERIMENT else e(against)
+        parts.append(f"<h2>Against {whom}</h2><p>Difference in mean top-1, 95% "
                      "confidence interval and p-value from Welch's t-test over seeds.</p><ul>")
         parts += [f"<li>{e(c['sentence'])}</li>" for c in p.comparisons]
         parts.append("</ul>")

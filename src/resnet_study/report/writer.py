@@ -15,21 +15,18 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ..config import (
-    BASE_EXPERIMENT,
-    EXPERIMENTS,
+from ..config import BASE_EXPERIMENT, EXPERIMENTS, PAPER, UsageError
+from ..data.sources import ImageSet
+from ..data.store import load_images
+from ..files import write_csv, write_rows, write_text
+from ..labels import (
     LITERATURE,
-    PAPER,
-    UsageError,
     combined_profile,
     combined_settings,
     protocol_notes,
     settings_cell,
     title_mark,
 )
-from ..data.sources import ImageSet
-from ..data.store import load_images
-from ..files import write_csv, write_rows, write_text
 from ..plots import Figure, save
 from . import page
 from .escape import markdown_escape, tex_escape
@@ -79,7 +76,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
             rows.append({"experiment": name, "row": exp.row if exp else name, "n": 0,
                          "params": None, "epochs": None, "train_seconds": None,
                          "top1_mean": None, "top1_std": None, "paper_top1": paper.get("top1"),
-                         "difference": None, "profile": "", "settings": ""})
+                         "difference": None, "profile": "", "settings": "", "extends": ""})
             continue
         top1 = np.array([r.summary["test_top1"] for r in runs])
         profile = combined_profile({r.experiment.profile for r in runs})
@@ -92,7 +89,8 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
             "paper_top1": paper.get("top1"),
             "difference": float(top1.mean()) - paper["top1"] if paper and profile == "paper"
             else None,
-            "profile": profile, "settings": _settings(runs)})
+            "profile": profile, "settings": _settings(runs),
+            "extends": runs[0].experiment.extends})
     return rows
 
 
@@ -116,7 +114,7 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
                       f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff,
-                      settings_cell(r["experiment"], r["settings"])])
+                      settings_cell(r["experiment"], r["extends"], r["settings"])])
     return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", "",
                      "literature (not re-measured)"] for lit in unmeasured_literature(rows)]
 
@@ -157,20 +155,24 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
 
 # --- statistics -------------------------------------------------------------------------------
 
-def compare_with_base(results: dict[str, list[Run]]) -> list[dict]:
-    """Welch's t-test and 95% CI for each modification's mean top-1 minus the base model's."""
-    if BASE_EXPERIMENT not in results:
+def compare_with_base(results: dict[str, list[Run]], against: str = BASE_EXPERIMENT
+                      ) -> list[dict]:
+    """Welch's t-test and 95% CI for each experiment's mean top-1 minus that of `against`: the
+    base model, or the experiment `report --base` names."""
+    if against not in results:
         return []
-    base = np.array([r.summary["test_top1"] for r in results[BASE_EXPERIMENT]])
-    base_settings = _settings(results[BASE_EXPERIMENT])
+    base = np.array([r.summary["test_top1"] for r in results[against]])
+    base_settings = _settings(results[against])
+    whom = "the base model" if against == BASE_EXPERIMENT else against
     out = []
     for name, runs in results.items():
-        if name == BASE_EXPERIMENT:
+        if name == against:
             continue
         x = np.array([r.summary["test_top1"] for r in runs])
         diff = float(x.mean() - base.mean())
         settings = _settings(runs)
-        row = {"experiment": name, "difference": diff, "n": len(x), "n_base": len(base),
+        row = {"experiment": name, "against": against, "difference": diff, "n": len(x),
+               "n_base": len(base),
                "method": "Welch t-test", "ci_low": None, "ci_high": None, "p_value": None,
                "settings": settings}
         caveat = ("" if settings == base_settings else
@@ -193,7 +195,7 @@ def compare_with_base(results: dict[str, list[Run]]) -> list[dict]:
         row.update(ci_low=diff - half, ci_high=diff + half, p_value=p)
         verdict = ("distinguishable from seed noise" if p < 0.05
                    else "not distinguishable from seed noise")
-        row["sentence"] = (f"{name}: {diff * 100:+.2f} points against the base model "
+        row["sentence"] = (f"{name}: {diff * 100:+.2f} points against {whom} "
                            f"(95% CI {row['ci_low'] * 100:+.2f} to {row['ci_high'] * 100:+.2f}, "
                            f"p = {p:.3g}, n = {len(x)} vs {len(base)}): {verdict}.{caveat}")
         out.append(row)
@@ -250,20 +252,24 @@ def _write_per_class(classes: dict, results: dict[str, list[Run]], images: Image
 
 # --- the report -------------------------------------------------------------------------------
 
-def report(root: Path, inspect: bool = True, log=None) -> Report:
+def report(root: Path, inspect: bool = True, log=None, base: str = BASE_EXPERIMENT) -> Report:
     """Write `root/report/`: all that the study's readable runs give, and the list of the others.
     A damaged or failed run never stops it; a study with no completed run still gets its page.
     With `inspect`, every completed run with a checkpoint is inspected (`inspection`), once:
-    its folder keeps the result, and the section "Inside the models" compares them."""
+    its folder keeps the result, and the section "Inside the models" compares them. The
+    statistics compare every experiment with `base`."""
     log = log or (lambda msg: print(msg, flush=True))  # progress: stdout (stderr: faults)
     results, without_result = scan(root)
+    if base != BASE_EXPERIMENT and base not in results:
+        raise UsageError(f"--base {base}: no completed run of it in {root}; choose one of: "
+                         f"{', '.join(results) or 'none (no run has completed)'}")
     out = root / "report"
     out.mkdir(exist_ok=True)
     rows = table_rows(results, without_result)
     profile = combined_profile({r["profile"] for r in rows if r["n"]})
-    comparisons = compare_with_base(results)
+    comparisons = compare_with_base(results, base)
     write_csv(out / "statistics.csv", ({**c, "profile": profile} for c in comparisons),
-              ["experiment", "difference", "ci_low", "ci_high", "p_value", "n", "n_base",
+              ["experiment", "against", "difference", "ci_low", "ci_high", "p_value", "n", "n_base",
                "method", "sentence", "settings", "profile"], CRLF)
     notes: list[str] = []  # what could not be drawn, and why
     images = _images(results, notes)
