@@ -17,6 +17,9 @@ from pathlib import Path
 from . import experiment_files
 from .config import (
     BASE_EXPERIMENT,
+    EXECUTION_FIELDS,
+    RECIPE_SECTIONS,
+    SECTION_OF,
     SECTIONS,
     Experiment,
     Interrupted,
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_study(sub)
     _add_report(sub)
+    _add_search(sub)
     _add_bench(sub)
     _add_inspect(sub)
     _add_evaluate(sub)
@@ -151,6 +155,33 @@ def _add_report(sub) -> None:
                         "with a checkpoint is otherwise inspected, once)")
     p.add_argument("--base", default=BASE_EXPERIMENT,
                    help="the experiment the statistics compare every other one with")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search the ablation space with Optuna, choosing on a "
+                       "validation split (never the test set)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", nargs="?", default=BASE_EXPERIMENT,
+                   help="the experiment searched around: what no knob or flag sets")
+    p.add_argument("--out", type=Path, default=Path("runs/search"),
+                   help="the search folder: trials, journal, trials.csv, figures, best.toml")
+    p.add_argument("--space", type=Path, help="a search space file (default: the shipped one, "
+                   "the paper's knobs; README, 'Your own ablations and a search')")
+    p.add_argument("--trials", type=int, default=20,
+                   help="trials in all (pruned ones count; a rerun goes on to this number)")
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--storage", help="postgresql://user:password@host:port/database to share "
+                   "the search between machines (default: a journal file in --out)")
+    p.add_argument("--study-name", help="the Optuna study's name (default: --out's name); the "
+                   "same on every machine of one search")
+    p.add_argument("--pruner", choices=["hyperband", "median", "none"], default="hyperband")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
+    p.add_argument("--max-gflop-per-image", type=float,
+                   help="never train a configuration costing more training GFLOP per image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_experiment_files(p)
+    add_config_flags(p)  # a flag fixes its knob; --val-split defaults to 5000 here
 
 
 def _add_bench(sub) -> None:
@@ -318,6 +349,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search.run import run_search
+    from .search.space import FIDELITY, load_space
+    from .search.trials import Search
+
+    overrides = config_overrides(args)
+    if overrides.get("test_split"):
+        raise UsageError("a search never evaluates on the test split: choose on --val-split, "
+                         "then confirm best.toml with `study`")
+    if args.trials < 1 or (args.timeout is not None and args.timeout <= 0):
+        raise UsageError("--trials must be >= 1 and --timeout > 0")
+    if args.max_gflop_per_image is not None and args.max_gflop_per_image <= 0:
+        raise UsageError("--max-gflop-per-image must be > 0")
+    base = get_experiment(args.experiment).replace(
+        **{"val_split": 5000, **overrides, "test_split": False})
+    fixed = {k: v for k, v in overrides.items()
+             if SECTION_OF[k] in RECIPE_SECTIONS and k not in FIDELITY | EXECUTION_FIELDS}
+    space = load_space(args.space, base).without(fixed)
+    search = Search(out=args.out, base=base, space=space, fixed=fixed, trials=args.trials,
+                    timeout=args.timeout, max_gflop=args.max_gflop_per_image,
+                    pruner=args.pruner, sampler=args.sampler, storage=args.storage,
+                    name=args.study_name or args.out.resolve().name)
+    print(json.dumps(run_search(search, args.workers, args.quiet)))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.windows < 1 or args.warmup < 0:
         raise UsageError("--batches and --windows must be >= 1 and --warmup >= 0")
@@ -373,12 +430,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"experiments": cmd_experiments, "train": cmd_train, "study": cmd_study,
-            "report": cmd_report, "bench": cmd_bench, "evaluate": cmd_evaluate,
+            "report": cmd_report, "search": cmd_search, "bench": cmd_bench,
+            "evaluate": cmd_evaluate,
             "inspect": cmd_inspect}
 
 
 RESUME_HINT = {"train": "to resume, run the same command with --resume",
-               "study": "to resume, run the same command again"}
+               "study": "to resume, run the same command again",
+               "search": "to go on, run the same command again"}
 
 
 def main(argv: list[str] | None = None) -> int:

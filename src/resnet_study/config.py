@@ -201,6 +201,9 @@ class ExecutionConfig:
     deterministic: bool = False  # bit-identical reruns and resumes (slower on GPU)
     sync_bn: bool = False  # under torchrun: batch-norm statistics over all ranks' shares
     eval_batch_size: int = field(default=1024, metadata=RESUMABLE)
+    # Evaluate on the test split after each epoch. A search's trials never do: they are chosen
+    # on a validation split, and the test split is kept for reporting.
+    test_split: bool = True
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -18,7 +18,7 @@ from .store import load_images
 class Splits:
     images: ImageSet
     train: DeviceLoader
-    test: DeviceLoader
+    test: DeviceLoader | None  # None: never evaluated (execution.test_split off)
     val: DeviceLoader | None
 
 
@@ -30,6 +30,8 @@ def check_sizes(exp: Experiment, available: int, world: int = 1) -> int:
     if cfg.val_split >= available:
         raise UsageError(f"val_split {cfg.val_split} leaves no training images "
                          f"(the training set has {available})")
+    if not exp.execution.test_split and not cfg.val_split:
+        raise UsageError("with test_split off a run needs a val_split to evaluate on")
     n = available - cfg.val_split
     if cfg.subset is not None and cfg.subset > n and not exp.quick:
         raise UsageError(f"subset {cfg.subset} is larger than the {n} training images there "
@@ -66,6 +68,6 @@ def make_splits(exp: Experiment, device: torch.device, progress: bool = True,
         images=images,
         train=DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
                            seed=train_cfg.seed, rank=ranks.rank, world=ranks.world, **common),
-        test=DeviceLoader(*test, **evaluation),
+        test=DeviceLoader(*test, **evaluation) if execution.test_split else None,
         val=None if val is None else DeviceLoader(*val, **evaluation),
     )

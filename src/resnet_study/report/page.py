@@ -12,7 +12,7 @@ from ..plots import Figure
 from .inside import Inside
 
 
-def _figure(caption: str, png: str) -> str:
+def figure_html(caption: str, png: str) -> str:
     e = html.escape
     return (f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{png}'>"
             f"<figcaption>{e(caption)}</figcaption></figure>")
@@ -91,7 +91,7 @@ def _measured(p: Page) -> list[str]:
 def _figures(p: Page) -> list[str]:
     parts = ["<h2>Figures</h2>"] if p.figures or p.notes else []
     parts += [f"<p><i>{html.escape(note)}</i></p>" for note in p.notes]
-    return parts + [_figure(f.caption, f.png) for f in p.figures]
+    return parts + [figure_html(f.caption, f.png) for f in p.figures]
 
 
 def _inside(inside: Inside) -> list[str]:
@@ -106,7 +106,7 @@ def _inside(inside: Inside) -> list[str]:
     parts += [f"<li>{e(s)}</li>" for s in inside.sentences]
     parts.append("</ul>")
     parts += [f"<p><i>{e(note)}</i></p>" for note in inside.notes]
-    return parts + [_figure(f.caption, f.png) for f in inside.figures]
+    return parts + [figure_html(f.caption, f.png) for f in inside.figures]
 
 
 def _per_class(p: Page) -> list[str]:

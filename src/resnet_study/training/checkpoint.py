@@ -119,7 +119,7 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
         exp = Experiment.from_dict(json.loads(config.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{config}: not a resnet-study config ({e})") from None
-    exp = exp.replace(pretrained=None, **{k: v for k, v in (("data", data),
+    exp = exp.replace(pretrained=None, test_split=True, **{k: v for k, v in (("data", data),
                                                              ("device", device)) if v})
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)

@@ -95,7 +95,7 @@ class EpochProgress:
 @dataclasses.dataclass
 class EpochResult:
     row: dict[str, float]  # the epoch's metrics.csv row
-    predictions: np.ndarray  # the test split's top-1 predictions after it
+    predictions: np.ndarray | None  # the test split's top-1 predictions after it, if tested
 
 
 class Diverged(Exception):
@@ -176,14 +176,16 @@ def _finite(model: torch.nn.Module) -> bool:
 def _evaluated(parts: Assembly, epoch: int, train_loss: float, seen: int, start: float,
                train_seconds: float) -> EpochResult:
     splits = parts.splits
-    test = evaluate(parts.model, splits.test, parts.amp)  # its .item() calls sync the device
-    row = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test["loss"],
-           "test_top1": test["top1"], "test_top5": test["top5"],
-           "lr": parts.scheduler.get_last_lr()[0],
-           "epoch_seconds": time.perf_counter() - start,
-           "eval_seconds": time.perf_counter() - start - train_seconds,
-           "images_per_second": seen / train_seconds}
-    if splits.val:
-        val = evaluate(parts.model, splits.val, parts.amp)
-        row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
-    return EpochResult(row, test["predictions"])
+    row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
+    measured = {}  # each split's evaluation; their .item() calls sync the device
+    for name, loader in (("test", splits.test), ("val", splits.val)):
+        if loader is not None:
+            measured[name] = evaluate(parts.model, loader, parts.amp)
+    if "test" in measured:
+        row.update({f"test_{k}": measured["test"][k] for k in ("loss", "top1", "top5")})
+    row.update(lr=parts.scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - start,
+               eval_seconds=time.perf_counter() - start - train_seconds,
+               images_per_second=seen / train_seconds)
+    if "val" in measured:
+        row.update({f"val_{k}": measured["val"][k] for k in ("loss", "top1", "top5")})
+    return EpochResult(row, measured["test"]["predictions"] if "test" in measured else None)

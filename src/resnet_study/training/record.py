@@ -51,7 +51,7 @@ class RunRecord:
         """The epochs done: their number, the last one's accuracy, the time and speed."""
         last = history[-1] if history else {}
         self.learn(epochs=len(history), test_top1=last.get("test_top1"),
-                   test_top5=last.get("test_top5"),
+                   test_top5=last.get("test_top5"), val_top1=last.get("val_top1"),
                    train_seconds=sum(r["epoch_seconds"] for r in history),
                    images_per_second=(sum(r["images_per_second"] for r in history)
                                       / len(history) if history else None))

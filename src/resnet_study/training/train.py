@@ -36,6 +36,7 @@ from .record import RunRecord
 
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
            "eval_seconds", "images_per_second"]
+TEST_METRICS = METRICS[2:5]
 VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 EXIT_DIVERGED = 3
 
@@ -81,20 +82,23 @@ def restore(exp: Experiment, out: Path, resume: bool) -> tuple[dict | None, dict
 
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
           observers: Sequence[Observer] = (), record: RunRecord | None = None,
-          locked: bool = False) -> dict:
+          locked: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Train one experiment into `out`; return the summary also written to summary.json.
     `record` (a study's) receives what is learnt of the run, whatever the outcome. The run holds
     `out`'s lock (`files.hold`) throughout, so a second process training into the same folder
     is refused (`FolderHeld`); `locked`: the caller holds it already (a study, which checks a
-    run's state under it). Under torchrun, rank 0 holds it for all ranks."""
+    run's state under it). Under torchrun, rank 0 holds it for all ranks. `log` takes the run's
+    lines (a search's trial keeps them in its folder); by default they go to stderr."""
     out = Path(out)
     mine = not locked and os.environ.get("RANK", "0") == "0"
     with hold(out) if mine else contextlib.nullcontext():
-        return _train(exp, out, resume=resume, quiet=quiet, observers=observers, record=record)
+        return _train(exp, out, resume=resume, quiet=quiet, observers=observers, record=record,
+                      log=log or _log(quiet))
 
 
 def _train(exp: Experiment, out: Path, *, resume: bool, quiet: bool,
-           observers: Sequence[Observer], record: RunRecord | None) -> dict:
+           observers: Sequence[Observer], record: RunRecord | None,
+           log: Callable[[str], None]) -> dict:
     ckpt, finished = restore(exp, out, resume)
     if finished is not None:  # every rank returns here, before joining torchrun's group
         if os.environ.get("RANK", "0") == "0":
@@ -107,7 +111,7 @@ def _train(exp: Experiment, out: Path, *, resume: bool, quiet: bool,
     keep_early_failure, record = record is not None, record or RunRecord(exp, out)
     parts = None
     try:
-        parts = assemble(exp, checkpoint=ckpt, progress=not quiet, log=_log(quiet))
+        parts = assemble(exp, checkpoint=ckpt, progress=not quiet, log=log)
         return Training(parts, out, record, ckpt, quiet).run(observers)
     except Exception as e:
         if parts is not None:
@@ -137,7 +141,8 @@ class Training:
         self.start_epoch = ckpt["epoch"] if ckpt else 0
         self.history: list[dict] = ckpt["history"] if ckpt else []
         self.partial: dict | None = ckpt.get("partial") if ckpt else None
-        self.columns = METRICS + (VAL_METRICS if parts.splits.val else [])
+        self.columns = [c for c in METRICS if parts.splits.test or c not in TEST_METRICS] + (
+            VAL_METRICS if parts.splits.val else [])
         record.learn(params=count_params(parts.model), dataset=parts.splits.images.name,
                      device=device_label(parts.device), precision=parts.precision,
                      processes=parts.ranks.world)
@@ -203,9 +208,10 @@ class Training:
         if tb:
             for k, v in row.items():
                 tb.add_scalar(k, v, epoch + 1)
+        split = "test" if "test_loss" in row else "val"
         self.parts.log(f"epoch {epoch + 1:>3}/{exp.train.epochs}  train loss "
-                       f"{row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  top-1 "
-                       f"{row['test_top1']:.4f}  top-5 {row['test_top5']:.4f}  "
+                       f"{row['train_loss']:.4f}  {split} loss {row[f'{split}_loss']:.4f}  top-1 "
+                       f"{row[f'{split}_top1']:.4f}  top-5 {row[f'{split}_top5']:.4f}  "
                        f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f} s")
 
     def _observe(self, observers: Sequence[Observer], row: dict) -> Stop | None:
@@ -219,7 +225,7 @@ class Training:
         return stop
 
     def _save_predictions(self, result: EpochResult) -> None:
-        if self.main:
+        if self.main and result.predictions is not None:
             with atomic_open(self.out / "predictions.npz") as f:
                 np.savez(f, predicted=result.predictions,
                          labels=self.parts.splits.test.labels.cpu().numpy())

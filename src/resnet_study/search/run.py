@@ -1,0 +1,130 @@
+"""`resnet-study search`: its workers, its progress, and what it writes when they are done.
+
+The workers (`trials.work`) are this process for `--workers 1`, else that many spawned ones;
+this process follows the study through its storage, with a progress bar (the trials done of
+those asked for, and an ETA) and one line per finished trial, whoever ran it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from ..config import UsageError
+from ..data.splits import check_sizes
+from ..data.store import load_images
+from .outputs import write_outputs
+from .storage import open_storage
+from .trials import Search, counted, open_study, work
+
+POLL_SECONDS = 2.0
+
+
+def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
+    """Run the search to its `--trials` (or `--timeout`), then write its folder's trials.csv,
+    figures, page and best.toml. Rerun after a kill, it goes on where the trials stand."""
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, not {workers}")
+    images = load_images(search.base.data.data)
+    check_sizes(search.base, len(images.train_labels))
+    try:
+        search.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write the search to {search.out} ({e.strerror or e}); "
+                         "choose another --out") from None
+    storage = open_storage(search.storage, search.out, search.name)
+    study = open_study(search, storage, len(images.classes))  # refuses another search here
+    deadline = time.time() + search.timeout if search.timeout else None
+    progress = Progress(study, search.trials, quiet)
+    with progress:
+        if workers == 1:
+            work(search, deadline)
+        else:
+            _spawn(search, workers, deadline)
+    return write_outputs(search, study, images)
+
+
+def _spawn(search: Search, workers: int, deadline: float | None) -> None:
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [ctx.Process(target=_worker, args=(search, deadline, threads)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        print(f"search: {len(failed)} of {workers} workers ended with an error (exit "
+              f"{failed[0]}); rerun the same command to go on", file=sys.stderr)
+
+
+def _worker(search: Search, deadline: float | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    work(search, deadline)
+
+
+class Progress:
+    """A progress bar over the trials asked for, and one line per trial as it finishes,
+    read from the study (so a trial of any worker, here or elsewhere, is seen)."""
+
+    def __init__(self, study: optuna.Study, total: int, quiet: bool) -> None:
+        self.study, self.total, self.quiet = study, total, quiet
+        self.seen = {t.number for t in self._finished()}
+        self.bar = tqdm(total=total, initial=min(total, len(self.seen)), unit="trial",
+                        desc="search", disable=quiet, dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._update()
+        self.bar.close()
+
+    def _finished(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.state.is_finished() and (counted(t) or t.user_attrs.get("outcome"))]
+
+    def _follow(self) -> None:
+        while not self.stop.wait(POLL_SECONDS):
+            self._update()
+
+    def _update(self) -> None:
+        for t in self._finished():
+            if t.number in self.seen:
+                continue
+            self.seen.add(t.number)
+            if counted(t):
+                self.bar.update()
+            (tqdm.write if not self.quiet else lambda m: print(m, file=sys.stderr))(
+                trial_line(t))
+
+
+def trial_line(t: optuna.trial.FrozenTrial) -> str:
+    """One finished trial in one line: its outcome, value, epochs, time and knobs."""
+    value = f"val top-1 {t.value:.4f}" if t.state == TrialState.COMPLETE else (
+        t.user_attrs.get("outcome") or t.state.name.lower())
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        value = (f"pruned after epoch {max(t.intermediate_values)} (val top-1 "
+                 f"{t.intermediate_values[max(t.intermediate_values)]:.4f})")
+    seconds = t.user_attrs.get("seconds")
+    took = f", {seconds:.0f} s" if seconds else ""
+    row = f" [{t.user_attrs['paper_row']}]" if "paper_row" in t.user_attrs else ""
+    knobs = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
+    return f"search: trial {t.number}{row}: {value}{took} | {knobs}"
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,249 @@
+"""A search's trials: what a search is (`Search`), its Optuna study, and the loop of one worker.
+
+Each trial is a run folder (`trials/trial-NNNN`) trained by `training.train` with the test split
+switched off: it reports its validation top-1 to Optuna after every epoch, and Optuna's pruner
+may stop it there. A trial that dies is queued again with its parameters and its folder, and
+resumes from the folder's checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..config import (
+    EXPERIMENTS,
+    GROUPS,
+    RECIPE_SECTIONS,
+    SECTION_OF,
+    Experiment,
+    UsageError,
+    one_line,
+)
+from ..data.store import load_images
+from ..files import hold
+from ..models import training_flops
+from ..training.checkpoint import read_summary
+from ..training.train import Stop, train
+from .space import Space
+from .storage import Claim, Storage, open_storage
+
+OBJECTIVE = "validation top-1 after the last epoch (maximised)"
+# Trials that spend the budget (`--trials`); a dead trial's retry counts in its place, and a
+# configuration over --max-gflop-per-image is never trained, so it counts for nothing.
+COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
+SPENT_FAILURES = ("diverged", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    out: Path  # the search folder
+    base: Experiment  # the searched experiment: fixed flags, fidelity and execution applied
+    space: Space  # less the knobs that flags fix
+    fixed: dict[str, Any]  # the recipe settings that flags fix
+    trials: int
+    timeout: float | None = None  # seconds after which no new trial starts
+    max_gflop: float | None = None  # training GFLOP per image
+    pruner: str = "hyperband"
+    sampler: str = "tpe"
+    storage: str | None = None  # None: the journal file in `out`
+    name: str = "search"  # the Optuna study's name
+
+    def definition(self) -> dict[str, Any]:
+        """What makes a search this search: a folder holding another is refused."""
+        recipe = {s: dataclasses.asdict(getattr(self.base, s)) for s in RECIPE_SECTIONS}
+        return json.loads(json.dumps({
+            "experiment": self.base.name, "recipe": recipe, "space": self.space.to_dict(),
+            "objective": OBJECTIVE, "val_split": self.base.data.val_split,
+            "data": self.base.data.data, "max_gflop_per_image": self.max_gflop,
+            "pruner": self.pruner, "sampler": self.sampler}))
+
+    def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> Path:
+        return self.out / trial.user_attrs.get("run", f"trials/trial-{trial.number:04d}")
+
+    def defaults(self) -> dict[str, Any]:
+        """Every recipe setting of the searched experiment: what a knob's `when` sees of the
+        knobs that are not drawn."""
+        return {name: getattr(getattr(self.base, section), name)
+                for name, section in SECTION_OF.items() if section in RECIPE_SECTIONS}
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state in COUNTED or (trial.state == TrialState.FAIL and str(
+        trial.user_attrs.get("outcome", "")).startswith(SPENT_FAILURES))
+
+
+def make_sampler(name: str) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler()
+        # group: the conditional knobs (nesterov, clipping) are modelled with those they need.
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
+                                          reduction_factor=3)
+
+
+def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
+    """The search's study: created with the paper's rows queued first, or loaded and checked
+    to be this search."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
+    with storage.claim():
+        study = optuna.create_study(
+            study_name=search.name, storage=storage.optuna, direction="maximize",
+            sampler=make_sampler(search.sampler),
+            pruner=make_pruner(search.pruner, search.base.train.epochs), load_if_exists=True)
+        stored = study.user_attrs.get("definition")
+        if stored is None:
+            study.set_user_attr("definition", search.definition())
+            for name, params in paper_rows(search, classes)[:search.trials]:
+                study.enqueue_trial(params, user_attrs={"paper_row": name})
+        else:
+            difference = first_difference(stored, search.definition())
+            if difference:
+                raise UsageError(f"{search.out} holds another search ({difference}); "
+                                 "choose another --out, or rerun it as it was started")
+    return study
+
+
+def paper_rows(search: Search, classes: int) -> list[tuple[str, dict[str, Any]]]:
+    """The paper's rows that the space expresses and the budget admits, with their knobs."""
+    rows, seen = [], set()
+    for name in GROUPS["paper"]:
+        params = search.space.params_of(EXPERIMENTS[name], search.base, search.fixed)
+        if params is None or json.dumps(params, sort_keys=True) in seen:
+            continue
+        exp = search.base.replace(**settings(search.space, params))
+        if search.max_gflop and training_flops(exp.model, classes) / 1e9 > search.max_gflop:
+            continue
+        seen.add(json.dumps(params, sort_keys=True))
+        rows.append((name, params))
+    return rows
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first place where two definitions differ, as `where: old, not new`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path}: {old!r}, not {new!r}"
+
+
+def settings(space: Space, drawn: dict[str, Any]) -> dict[str, Any]:
+    """The config settings among a trial's knobs (its switches left out)."""
+    switches = {k.name for k in space.knobs if k.switch}
+    return {k: v for k, v in drawn.items() if k not in switches}
+
+
+class NotTrained(Exception):
+    """A trial that ends without a value: over the budget, diverged or failed (its outcome)."""
+
+
+class Objective:
+    """One trial: its run folder held, the claim released, its knobs drawn, and its run trained
+    (or resumed), reporting each epoch's validation top-1."""
+
+    def __init__(self, search: Search, claim: Claim, classes: int) -> None:
+        self.search, self.claim, self.classes = search, claim, classes
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        folder = self.search.run_folder(trial)
+        trial.set_user_attr("run", str(folder.relative_to(self.search.out)))
+        trial.set_user_attr("outcome", "running")  # a retry's copy said "dead"
+        with hold(folder):
+            self.claim.done()  # only now: a trial with a free folder is a dead one
+            return self._run(trial, folder)
+
+    def _run(self, trial: optuna.Trial, folder: Path) -> float:
+        search = self.search
+        drawn = search.space.draw(trial, search.defaults())
+        try:
+            exp = search.base.replace(**settings(search.space, drawn))
+        except UsageError as e:
+            return self._end(trial, f"failed: {e}")
+        gflop = training_flops(exp.model, self.classes) / 1e9
+        trial.set_user_attr("gflop_per_image", gflop)
+        if search.max_gflop and gflop > search.max_gflop:
+            return self._end(trial, f"over budget: {gflop:.3f} GFLOP per image, more than "
+                                    f"--max-gflop-per-image {search.max_gflop:g}; not trained")
+        for row in _history(folder):  # a retried trial: the epochs its folder has
+            trial.report(row["val_top1"], int(row["epoch"]))
+        before = read_summary(folder) if (folder / "summary.json").exists() else None
+        if before and before.get("status") == "stopped":  # pruned, then killed before told
+            return self._pruned(trial, before)
+
+        def observe(exp: Experiment, row: dict) -> Stop | None:
+            trial.report(row["val_top1"], int(row["epoch"]))
+            if trial.should_prune():
+                return Stop(f"pruned by the {search.pruner} pruner after epoch {row['epoch']}")
+            return None
+
+        try:
+            with open(folder / "log.txt", "a") as log:  # the trial's lines, in its folder
+                summary = train(exp, folder, resume=(folder / "checkpoint.pt").exists(),
+                                quiet=True, observers=[observe], locked=True,
+                                log=lambda line: print(line, file=log, flush=True))
+        except Exception as e:  # out of memory, say: this trial fails, the search goes on
+            return self._end(trial, f"failed: {one_line(e)}")
+        trial.set_user_attr("epochs", summary["epochs"])
+        trial.set_user_attr("seconds", summary["train_seconds"])  # all its epochs, resumed or not
+        if summary["status"] == "stopped":
+            return self._pruned(trial, summary)
+        if summary["status"] != "completed":
+            return self._end(trial, f"diverged in epoch {summary.get('diverged_epoch')}")
+        trial.set_user_attr("outcome", "completed")
+        return float(summary["val_top1"])
+
+    @staticmethod
+    def _pruned(trial: optuna.Trial, summary: dict) -> float:
+        trial.set_user_attr("epochs", summary["epochs"])
+        trial.set_user_attr("outcome", f"pruned after epoch {summary['epochs']}")
+        raise optuna.TrialPruned(summary.get("stop_reason"))
+
+    @staticmethod
+    def _end(trial: optuna.Trial, outcome: str) -> float:
+        trial.set_user_attr("outcome", outcome)
+        raise NotTrained(outcome)
+
+
+def _history(folder: Path) -> list[dict[str, float]]:
+    try:
+        with open(folder / "metrics.csv", newline="") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, ValueError):
+        return []
+
+
+def work(search: Search, deadline: float | None = None) -> None:
+    """One worker: take trials until the search has as many as asked for (or the deadline
+    passes). Any number of workers, here or on other machines, share one search this way."""
+    storage = open_storage(search.storage, search.out, search.name)
+    classes = len(load_images(search.base.data.data, progress=False).classes)
+    study = open_study(search, storage, classes)
+    while deadline is None or time.time() < deadline:
+        with storage.claim() as claim:
+            storage.retry_dead_trials(study, search.run_folder)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and sum(map(counted, trials)) >= search.trials:
+                return
+            study.optimize(Objective(search, claim, classes), n_trials=1,
+                           catch=(NotTrained,), gc_after_trial=False)
