@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 FIDELITY = ["--subset", "10000", "--epochs", "10"]
-SEARCH = [*FIDELITY, "--val-split", "5000", "--trials", "20", "--max-gflop-per-image", "0.25",
+SEARCH = [*FIDELITY, "--val-split", "5000", "--trials", "24", "--max-gflop-per-image", "0.25",
           "--quiet"]
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2]
                                               / "shared/data/cifar10-jpeg.tar.gz"))
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--window", type=float, default=2400, help="kill within this many s")
+    parser.add_argument("--window", type=float, default=1500, help="kill within this many s")
     args = parser.parse_args()
     exe = str(Path(sys.executable).with_name("resnet-study"))
     out = args.workdir / "search"

@@ -1,13 +1,19 @@
 """Helpers shared by the test modules: official-layout data files, damaged run folders,
 the paper's parameter counts, metrics read back."""
 
+import contextlib
 import csv
 import json
+import os
 import pickle
+import shutil
+import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from resnet_study.data import sources
@@ -174,3 +180,32 @@ TIMINGS = {"epoch_seconds", "eval_seconds", "images_per_second"}
 def without_timings(rows):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster from Debian's package (initdb, pg_ctl) in a temporary
+    folder, on a local socket only, run as the unprivileged `postgres` user where the tests run
+    as root (the server refuses root); yields its URL, and is stopped and removed whatever
+    happens."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
+    bindir = bins[-1].parent
+    with tempfile.TemporaryDirectory(prefix="resnet-study-pg-") as folder:
+        tmp = Path(folder)
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(tmp, "postgres")
+        data = tmp / "data"
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                        "search", "--no-sync"], check=True, capture_output=True)
+        options = f"-k {tmp} -p 5432 -c listen_addresses='' -c fsync=off"
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w",
+                        "-l", str(tmp / "server.log"), "start"], check=True, capture_output=True)
+        try:
+            yield f"postgresql://search@/postgres?host={tmp}"
+        finally:
+            subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m",
+                            "immediate", "stop"], capture_output=True)

@@ -1,14 +1,14 @@
-"""`resnet-study` command line: experiments, train, study, report, bench, evaluate.
+"""`resnet-study` command line: experiments, train, study, report, search, bench, inspect,
+evaluate.
 
-Every field of the model, data and train configs is a `--flag` of `train`, `study` and
-`bench`, generated from the dataclasses, so a preset value can always be overridden and the
-flags never drift from the configs.
+Every config field is a `--flag` of `train`, `study`, `search` and `bench` (`flags`), so a
+preset value can always be overridden; `--experiments FILE` adds the user's own experiments
+(`experiment_files`) for the command being run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,57 +20,17 @@ from .config import (
     EXECUTION_FIELDS,
     RECIPE_SECTIONS,
     SECTION_OF,
-    SECTIONS,
     Experiment,
     Interrupted,
     UsageError,
     all_experiments,
-    field_specs,
     get_experiment,
     groups,
 )
+from .flags import add_config_flags, add_experiment_files, config_overrides
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, resumable
-
-
-def _parse_optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
-
-
-def _parse_sequence(kind: type):
-    def parse(text: str):
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    parse.__name__ = f"comma-separated {kind.__name__} list"
-    return parse
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per config field; only flags given on the command line reach the run."""
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(
-            "execution settings (how and where a run executes; not the paper's protocol)"
-            if section == "execution" else f"{section} settings (override the experiment)")
-        specs = field_specs(cls)
-        for f in dataclasses.fields(cls):
-            spec = specs[f.name]
-            flag = "--" + f.name.replace("_", "-")
-            kw = dict(dest=f.name, default=argparse.SUPPRESS,
-                      help=f"base recipe: {f.default}; an experiment may set another")
-            if spec.kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            else:
-                parse = (_parse_optional(spec.kind) if spec.optional else
-                         _parse_sequence(spec.kind) if spec.sequence else spec.kind)
-                group.add_argument(flag, choices=spec.choices or None, type=parse, **kw)
-
-
-def config_overrides(args: argparse.Namespace) -> dict:
-    fields = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in fields}
 
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
@@ -99,13 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_evaluate(sub)
     return parser
-
-
-def add_experiment_files(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiments", dest="experiment_files", action="append", type=Path,
-                        default=[], metavar="FILE.toml",
-                        help="your own experiments, each extending a named one (repeatable; "
-                             "README, 'Your own ablations and a search')")
 
 
 def _add_experiments(sub) -> None:

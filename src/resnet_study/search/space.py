@@ -184,8 +184,11 @@ def _knob(where: str, name: str, spec: Any, earlier: list[Knob], base: Experimen
         conditions.append((k, allowed))
     if "choices" in spec:
         choices = spec["choices"]
-        _require(isinstance(choices, list) and choices and "low" not in spec,
-                 f"{where}: choices is a non-empty list (and no low/high beside it)")
+        _require(isinstance(choices, list) and bool(choices),
+                 f"{where}: choices is a non-empty list")
+        extra = sorted({"low", "high", "log", "step"} & set(spec))
+        _require(not extra, f"{where}: {', '.join(extra)} go with low and high, not with "
+                            "choices")
         knob = Knob(name, choices=tuple(choices), when=tuple(conditions))
         values = list(choices)
     else:

@@ -91,8 +91,10 @@ class Storage:
                 self.optuna.get_study_id_from_name(study.study_name), trial.number)
             self.optuna.set_trial_user_attr(trial_id, "outcome", "dead (its process ended)")
             if self.optuna.set_trial_state_values(trial_id, TrialState.FAIL):
-                RetryHeartbeatStaleTrialCallback(MAX_RETRIES)(study, self.optuna.get_trial(
-                    trial_id))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    retry = RetryHeartbeatStaleTrialCallback(MAX_RETRIES)
+                retry(study, self.optuna.get_trial(trial_id))
                 dead.append(trial.number)
         return dead
 

@@ -41,6 +41,7 @@ OBJECTIVE = "validation top-1 after the last epoch (maximised)"
 # configuration over --max-gflop-per-image is never trained, so it counts for nothing.
 COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
 SPENT_FAILURES = ("diverged", "failed")
+MAX_OVER_BUDGET = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +123,12 @@ def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
 
 
 def paper_rows(search: Search, classes: int) -> list[tuple[str, dict[str, Any]]]:
-    """The paper's rows that the space expresses and the budget admits, with their knobs."""
+    """The paper's rows that the space expresses and the budget admits, with their knobs. The
+    flags' settings hold for them too: a row that then equals an earlier one is left out."""
     rows, seen = [], set()
     for name in GROUPS["paper"]:
-        params = search.space.params_of(EXPERIMENTS[name], search.base, search.fixed)
+        row = EXPERIMENTS[name].replace(**search.fixed)
+        params = search.space.params_of(row, search.base, search.fixed)
         if params is None or json.dumps(params, sort_keys=True) in seen:
             continue
         exp = search.base.replace(**settings(search.space, params))
@@ -238,6 +241,7 @@ def work(search: Search, deadline: float | None = None) -> None:
     storage = open_storage(search.storage, search.out, search.name)
     classes = len(load_images(search.base.data.data, progress=False).classes)
     study = open_study(search, storage, classes)
+    over_budget = 0  # draws in a row that cost too much: a space that cannot be searched
     while deadline is None or time.time() < deadline:
         with storage.claim() as claim:
             storage.retry_dead_trials(study, search.run_folder)
@@ -247,3 +251,10 @@ def work(search: Search, deadline: float | None = None) -> None:
                 return
             study.optimize(Objective(search, claim, classes), n_trials=1,
                            catch=(NotTrained,), gc_after_trial=False)
+        last = study.get_trials(deepcopy=False)[-1]
+        over_budget = over_budget + 1 if str(last.user_attrs.get("outcome", "")).startswith(
+            "over budget") else 0
+        if over_budget >= MAX_OVER_BUDGET:
+            raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
+                             f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take the "
+                             "costly choices (width, say) out of the space")
