@@ -92,6 +92,8 @@ def _figures(study: optuna.Study, out: Path) -> tuple[list[Figure], list[str]]:
             plt.close("all")
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        # One axis a knob: the parallel coordinates need room for all of them.
+        fig.set_size_inches(max(8.0, 1.1 * len(fig.axes)) if name == "parallel" else 8.0, 4.8)
         figures.append(Figure(f"search-{name}", caption, save(fig, out, f"search-{name}")))
     return figures, notes
 
