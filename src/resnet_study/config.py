@@ -6,7 +6,9 @@ images (`DataConfig`), how to train (`TrainConfig`), and how and where it execut
 bad value fails before any data is read or any file is written. The twelve rows of the
 paper's Table 1 live in `experiments.toml` beside this file, as overrides of the defaults
 below; read that file to see every choice and its reason. The protocol label every output
-gives a run is computed here too (`Experiment.settings` and the section at the end).
+gives a run is computed here too (`Experiment.settings`; for runs shown together, `labels`).
+The user's own experiments (`experiment_files`) join the presets for the command that names
+their files.
 """
 
 from __future__ import annotations
@@ -48,9 +50,8 @@ def _check_fields(obj: Any) -> None:
     refuse non-finite numbers in any field, wherever they came from (a flag, a TOML file, a
     config.json): `--lr inf` would otherwise train on NaN to the end."""
     for name, spec in field_specs(type(obj)).items():
-        value = getattr(obj, name)
-        _check_type(obj, name, spec, value)
-        value = getattr(obj, name)
+        _check_type(obj, name, spec, getattr(obj, name))
+        value = getattr(obj, name)  # 1 made 1.0 where a float is due
         _require(not spec.choices or value in spec.choices,
                  f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
         numbers = value if isinstance(value, tuple) else (value,)

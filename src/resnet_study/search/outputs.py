@@ -28,7 +28,7 @@ from ..files import write_csv, write_json, write_text
 from ..plots import Figure, plt, save
 from ..report.page import STYLE, figure_html
 from .space import FIDELITY
-from .trials import OBJECTIVE, Search, counted, settings
+from .trials import OBJECTIVE, Search, counted, outcome, settings
 
 FIGURES = {  # name: (Optuna's figure, caption)
     "history": (vis.plot_optimization_history, "Optimisation history: each trial's validation "
@@ -76,7 +76,7 @@ def _row(search: Search, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=None)),
             "seconds": t.user_attrs.get("seconds"),
             "gflop_per_image": t.user_attrs.get("gflop_per_image"),
-            "outcome": t.user_attrs.get("outcome"), "paper_row": t.user_attrs.get("paper_row"),
+            "outcome": outcome(t), "paper_row": t.user_attrs.get("paper_row"),
             "retry_of": retried, "run": t.user_attrs.get("run"), **t.params}
 
 

@@ -23,7 +23,7 @@ from ..data.splits import check_sizes
 from ..data.store import load_images
 from .outputs import write_outputs
 from .storage import open_storage
-from .trials import Search, counted, open_study, work
+from .trials import Search, counted, open_study, outcome, work
 
 POLL_SECONDS = 2.0
 
@@ -62,13 +62,17 @@ def _spawn(search: Search, workers: int, deadline: float | None) -> None:
         p.join()
     failed = [p.exitcode for p in procs if p.exitcode]
     if failed:
-        print(f"search: {len(failed)} of {workers} workers ended with an error (exit "
-              f"{failed[0]}); rerun the same command to go on", file=sys.stderr)
+        raise UsageError(f"{len(failed)} of {workers} search workers ended with an error "
+                         f"(exit {failed[0]}, above); rerun the same command to go on")
 
 
 def _worker(search: Search, deadline: float | None, threads: int) -> None:
     torch.set_num_threads(threads)
-    work(search, deadline)
+    try:
+        work(search, deadline)
+    except UsageError as e:  # as the command line says it: one line, exit 2
+        print(f"resnet-study: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 class Progress:
@@ -95,7 +99,7 @@ class Progress:
 
     def _finished(self) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self.study.get_trials(deepcopy=False)
-                if t.state.is_finished() and (counted(t) or t.user_attrs.get("outcome"))]
+                if t.state.is_finished()]
 
     def _follow(self) -> None:
         while not self.stop.wait(POLL_SECONDS):
@@ -114,8 +118,7 @@ class Progress:
 
 def trial_line(t: optuna.trial.FrozenTrial) -> str:
     """One finished trial in one line: its outcome, value, epochs, time and knobs."""
-    value = f"val top-1 {t.value:.4f}" if t.state == TrialState.COMPLETE else (
-        t.user_attrs.get("outcome") or t.state.name.lower())
+    value = f"val top-1 {t.value:.4f}" if t.state == TrialState.COMPLETE else outcome(t)
     if t.state == TrialState.PRUNED and t.intermediate_values:
         value = (f"pruned after epoch {max(t.intermediate_values)} (val top-1 "
                  f"{t.intermediate_values[max(t.intermediate_values)]:.4f})")

@@ -75,10 +75,14 @@ class Storage:
         engine.dispose()
 
     def retry_dead_trials(self, study: optuna.Study, run_folder) -> list[int]:
-        """On the journal: fail each RUNNING trial whose process is gone (no one holds its run
-        folder) and queue it again, as Optuna's heartbeat does on a server. Call it under the
-        claim, so that no live trial is between its start and its folder's lock."""
-        if not self.journal:
+        """Fail each RUNNING trial whose process is gone and queue it again: on a server, those
+        whose heartbeat stopped (Optuna's check); on the journal, those whose run folder no one
+        holds. Call it under the claim, so that no live trial is between its start and its
+        folder's lock."""
+        if not self.journal:  # the heartbeat's own check, which queues the dead again
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             return []
         dead = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -89,7 +93,6 @@ class Storage:
                 continue
             trial_id = self.optuna.get_trial_id_from_study_id_trial_number(
                 self.optuna.get_study_id_from_name(study.study_name), trial.number)
-            self.optuna.set_trial_user_attr(trial_id, "outcome", "dead (its process ended)")
             if self.optuna.set_trial_state_values(trial_id, TrialState.FAIL):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

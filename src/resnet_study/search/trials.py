@@ -42,6 +42,7 @@ OBJECTIVE = "validation top-1 after the last epoch (maximised)"
 COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
 SPENT_FAILURES = ("diverged", "failed")
 MAX_OVER_BUDGET = 50
+WAIT_SECONDS = 5  # between looks at other workers' running trials, once all are started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +78,18 @@ class Search:
                 for name, section in SECTION_OF.items() if section in RECIPE_SECTIONS}
 
 
+def outcome(trial: optuna.trial.FrozenTrial) -> str:
+    """What became of a trial: completed, pruned after epoch n, over budget, diverged, failed
+    (with the error), or dead: failed by Optuna's heartbeat check, or by the journal's."""
+    said = trial.user_attrs.get("outcome", "")
+    if trial.state == TrialState.FAIL and said in ("", "running"):
+        return "dead (its process ended)"
+    return said
+
+
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state in COUNTED or (trial.state == TrialState.FAIL and str(
-        trial.user_attrs.get("outcome", "")).startswith(SPENT_FAILURES))
+    return trial.state in COUNTED or (trial.state == TrialState.FAIL
+                                      and outcome(trial).startswith(SPENT_FAILURES))
 
 
 def make_sampler(name: str) -> optuna.samplers.BaseSampler:
@@ -246,14 +256,18 @@ def work(search: Search, deadline: float | None = None) -> None:
         with storage.claim() as claim:
             storage.retry_dead_trials(study, search.run_folder)
             trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and sum(map(counted, trials)) >= search.trials:
+            full = (sum(map(counted, trials)) >= search.trials
+                    and not any(t.state == TrialState.WAITING for t in trials))
+            if not full:
+                study.optimize(Objective(search, claim, classes), n_trials=1,
+                               catch=(NotTrained,), gc_after_trial=False)
+        if full:  # until the running trials end: one may be dead, and its retry left to take
+            if not any(t.state == TrialState.RUNNING for t in trials):
                 return
-            study.optimize(Objective(search, claim, classes), n_trials=1,
-                           catch=(NotTrained,), gc_after_trial=False)
+            time.sleep(WAIT_SECONDS)
+            continue
         last = study.get_trials(deepcopy=False)[-1]
-        over_budget = over_budget + 1 if str(last.user_attrs.get("outcome", "")).startswith(
-            "over budget") else 0
+        over_budget = over_budget + 1 if outcome(last).startswith("over budget") else 0
         if over_budget >= MAX_OVER_BUDGET:
             raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
                              f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take the "
