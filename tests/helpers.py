@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: official-layout data files, damaged run folders,
-the paper's parameter counts, metrics read back."""
+the paper's parameter counts, metrics read back, a throwaway PostgreSQL server, a search's
+trials read back and checked."""
 
 import contextlib
 import csv
@@ -209,3 +210,27 @@ def postgres_server():
         finally:
             subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m",
                             "immediate", "stop"], capture_output=True)
+
+
+def search_trials(out: Path) -> list[dict]:
+    with open(out / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_search(out: Path, asked: int, epochs: int) -> list[dict]:
+    """The search holds `asked` finished trials with unique numbers, each with a run folder of
+    its own that says what the trial says."""
+    rows = search_trials(out)
+    done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+    assert len(done) == asked, [(r["number"], r["state"], r["outcome"]) for r in rows]
+    assert len({r["number"] for r in rows}) == len(rows)
+    assert len({r["run"] for r in done}) == asked
+    for r in done:
+        summary = json.loads((out / r["run"] / "summary.json").read_text())
+        assert summary["epochs"] == int(r["epochs"])
+        if r["state"] == "COMPLETE":
+            assert summary["status"] == "completed" and summary["epochs"] == epochs
+            assert summary["val_top1"] == pytest.approx(float(r["value"]))
+        else:
+            assert summary["status"] == "stopped" and summary["epochs"] < epochs
+    return rows

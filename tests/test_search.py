@@ -1,15 +1,10 @@
 """`resnet-study search` (issue 19, part 3): Optuna's study over a space file, choosing on a
-validation split only, exact in its trial count with several workers (journal file and a real
-PostgreSQL server), and whole after SIGKILL."""
+validation split only; what it writes, and what it refuses. Several workers and kills:
+`test_search_workers.py`."""
 
-import contextlib
-import csv
 import json
-import os
-import signal
+import shutil
 import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -19,7 +14,7 @@ from resnet_study.cli import main
 from resnet_study.config import EXPERIMENTS, GROUPS, get_experiment
 from resnet_study.search.space import load_space
 
-from .helpers import postgres_server
+from .helpers import check_search, search_trials
 
 SPACE = """
 [lr]
@@ -36,7 +31,6 @@ when = { optimizer = "sgd" }
 """
 TINY = ["--data", "synthetic", "--subset", "64", "--val-split", "32", "--batch-size", "32",
         "--device", "cpu", "--quiet"]
-EXE = str(Path(sys.executable).with_name("resnet-study"))
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +38,6 @@ def space(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("space") / "space.toml"
     path.write_text(SPACE)
     return path
-
-
-def trials(out: Path) -> list[dict]:
-    with open(out / "trials.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def check_trials(out: Path, asked: int, epochs: int) -> list[dict]:
-    """The search holds `asked` finished trials with unique numbers, each with a run folder of
-    its own that says what the trial says."""
-    rows = trials(out)
-    done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
-    assert len(done) == asked, [(r["number"], r["state"], r["outcome"]) for r in rows]
-    assert len({r["number"] for r in rows}) == len(rows)
-    assert len({r["run"] for r in done}) == asked
-    for r in done:
-        summary = json.loads((out / r["run"] / "summary.json").read_text())
-        assert summary["epochs"] == int(r["epochs"])
-        if r["state"] == "COMPLETE":
-            assert summary["status"] == "completed" and summary["epochs"] == epochs
-            assert summary["val_top1"] == pytest.approx(float(r["value"]))
-        else:
-            assert summary["status"] == "stopped" and summary["epochs"] < epochs
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +59,7 @@ def searched(space, tmp_path_factory):
 def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_split(searched):
     out, evaluated = searched
     assert evaluated and set(evaluated) == {32}  # the 32 validation images; the test has 48
-    rows = check_trials(out, 4, 3)
+    rows = check_search(out, 4, 3)
     for r in rows:
         run = out / r["run"]
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -101,7 +71,7 @@ def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_spli
 def test_the_papers_rows_that_fit_the_space_come_first(searched):
     """Of the paper's rows, the space above expresses the base model (SGD at 0.01) and Adam."""
     out, _ = searched
-    rows = trials(out)
+    rows = search_trials(out)
     assert [r["paper_row"] for r in rows[:2]] == ["resnet18-lr0.01", "resnet18-adam"]
     assert not any(r["paper_row"] for r in rows[2:])
     assert rows[1]["nesterov"] == "" and rows[1]["optimizer"] == "adam"  # conditional: no nesterov
@@ -109,7 +79,7 @@ def test_the_papers_rows_that_fit_the_space_come_first(searched):
 
 def test_the_search_writes_its_best_as_an_experiment_and_draws_optunas_figures(searched, capsys):
     out, _ = searched
-    rows = [r for r in trials(out) if r["state"] == "COMPLETE"]
+    rows = [r for r in search_trials(out) if r["state"] == "COMPLETE"]
     best = max(rows, key=lambda r: float(r["value"]))
     entry = tomllib.loads((out / "best.toml").read_text())
     name = next(iter(entry))
@@ -122,6 +92,19 @@ def test_the_search_writes_its_best_as_an_experiment_and_draws_optunas_figures(s
     for figure in ("history", "importances", "parallel", "intermediate"):
         assert (out / f"search-{figure}.png").stat().st_size > 1000
     assert page.count("<img") == 4 and "never on the test set" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
+    out, _ = searched
+    shot = tmp_path / "page.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
+                    f"--screenshot={shot}", (out / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = shot.read_bytes()
+    assert pixels[:8] == b"\x89PNG\r\n\x1a\n" and len(pixels) > 50_000  # figures, not blank
 
 
 def test_a_folder_holding_another_search_is_refused_with_the_difference(searched, space, capsys):
@@ -196,52 +179,3 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
     assert "50 configurations in a row cost more than --max-gflop-per-image 0.5" in (
         capsys.readouterr().err)
     assert not list(out.glob("trials/*/checkpoint.pt"))
-
-
-def _search(out: Path, space: Path, *extra: str) -> list[str]:
-    return [EXE, "search", "--space", str(space), "--out", str(out), "--epochs", "2", *TINY,
-            *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def test_a_killed_search_goes_on_where_it_stood(space, tmp_path):
-    """SIGKILL in the middle of a trial (its checkpoint written, its summary not): the rerun
-    retries that trial in its folder, from its checkpoint, and loses or repeats nothing."""
-    out = tmp_path / "s"
-    proc = subprocess.Popen(_search(out, space, "--trials", "4", "--pruner", "none"),
-                            env=_env(), start_new_session=True, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not [
-            run for run in out.glob("trials/trial-000[12]")
-            if (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()]:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    subprocess.run(_search(out, space, "--trials", "4", "--pruner", "none"), env=_env(),
-                   check=True, capture_output=True)
-    rows = check_trials(out, 4, 2)
-    dead = [r for r in rows if r["state"] == "FAIL"]
-    assert len(dead) == 1 and dead[0]["outcome"] == "dead (its process ended)"
-    retry = next(r for r in rows if r["retry_of"] == dead[0]["number"])
-    assert retry["run"] == dead[0]["run"] and retry["state"] == "COMPLETE"
-    log = (out / retry["run"] / "log.txt").read_text()
-    assert "epochs 1-2 of 2" in log and "epochs 2-2 of 2" in log  # resumed after epoch 1
-
-
-@pytest.mark.parametrize("storage", ["journal", "postgresql"])
-def test_workers_together_run_exactly_the_trials_asked_for(space, tmp_path, storage):
-    """Two commands at once on one search (one of them with two workers): five trials in all,
-    each number once, each in a folder of its own."""
-    with postgres_server() if storage == "postgresql" else contextlib.nullcontext() as url:
-        extra = ["--storage", url] if url else []
-        procs = [subprocess.Popen(_search(tmp_path / "s", space, "--trials", "5", *extra, *w),
-                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for w in (["--workers", "2"], [])]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err.decode()[-2000:]
-        check_trials(tmp_path / "s", 5, 2)
-
