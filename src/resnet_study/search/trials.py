@@ -232,9 +232,9 @@ class Objective:
         raise optuna.TrialPruned(summary.get("stop_reason"))
 
     @staticmethod
-    def _end(trial: optuna.Trial, outcome: str) -> float:
-        trial.set_user_attr("outcome", outcome)
-        raise NotTrained(outcome)
+    def _end(trial: optuna.Trial, what: str) -> float:
+        trial.set_user_attr("outcome", what)
+        raise NotTrained(what)
 
 
 def _history(folder: Path) -> list[dict[str, float]]:
