@@ -52,14 +52,14 @@ def searched(space, tmp_path_factory):
         mp.setattr(epoch, "evaluate", lambda model, loader, amp: evaluated.append(
             loader.num_images) or evaluate(model, loader, amp))
         assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                     "--epochs", "3", "--test-subset", "48", *TINY]) == 0
+                     "--epochs", "2", "--test-subset", "48", *TINY]) == 0
     return out, evaluated
 
 
 def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_split(searched):
     out, evaluated = searched
     assert evaluated and set(evaluated) == {32}  # the 32 validation images; the test has 48
-    rows = check_search(out, 4, 3)
+    rows = check_search(out, 4, 2)
     for r in rows:
         run = out / r["run"]
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -110,14 +110,14 @@ def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
 def test_a_folder_holding_another_search_is_refused_with_the_difference(searched, space, capsys):
     out, _ = searched
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "2", "--test-subset", "48", *TINY]) == 2
+                 "--epochs", "3", "--test-subset", "48", *TINY]) == 2
     err = capsys.readouterr().err
-    assert "holds another search (recipe.train.epochs: 3, not 2)" in err
-    assert main(["search", "--out", str(out), "--trials", "4", "--epochs", "3",
+    assert "holds another search (recipe.train.epochs: 2, not 3)" in err
+    assert main(["search", "--out", str(out), "--trials", "4", "--epochs", "2",
                  "--test-subset", "48", *TINY]) == 2  # the default space, not the file's
     assert "holds another search (space." in capsys.readouterr().err
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "3", "--test-subset", "48", *TINY, "--device", "cpu",
+                 "--epochs", "2", "--test-subset", "48", *TINY, "--device", "cpu",
                  "--precision", "fp32"]) == 0  # execution settings are no difference
 
 
