@@ -17,7 +17,7 @@ import fcntl
 import hashlib
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -56,23 +56,12 @@ class Storage:
                 finally:
                     claim.done()
             return
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-        key = int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:7], "big")
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-
-            def release() -> None:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                connection.commit()
-
+        with advisory_lock(self.url, self.name) as release:
             claim.release = release
             try:
                 yield claim
             finally:
                 claim.done()
-        engine.dispose()
 
     def retry_dead_trials(self, study: optuna.Study, run_folder) -> list[int]:
         """Fail each RUNNING trial whose process is gone and queue it again: on a server, those
@@ -100,6 +89,27 @@ class Storage:
                 retry(study, self.optuna.get_trial(trial_id))
                 dead.append(trial.number)
         return dead
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[Callable[[], None]]:
+    """A PostgreSQL advisory lock named by `name`, held until released or left; it goes with
+    its connection, so a dead worker's goes with it."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+
+            def release() -> None:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                connection.commit()
+
+            yield release
+    finally:
+        engine.dispose()
 
 
 class Claim:
@@ -137,8 +147,8 @@ def open_storage(url: str | None, folder: Path, name: str) -> Storage:
                          f"{_masked(url)!r}; leave it out for the journal file in --out")
     import sqlalchemy
 
-    try:
-        with warnings.catch_warnings():
+    try:  # Optuna creates its tables on first use; two workers doing so at once collide
+        with advisory_lock(url, "resnet-study: Optuna's tables"), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
