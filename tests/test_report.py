@@ -67,12 +67,20 @@ def test_report_writes_every_file(studies):
 
 
 def test_every_run_with_a_checkpoint_is_inspected_and_compared(studies, tmp_path):
-    """Inside the models: each completed run inspected once (its own inspect/ folder), the
-    experiments' statistics averaged over seeds against the base model, the base model's
-    picture grids on the page; a second report reuses the inspections."""
+    """Inside the models: each completed run inspected once (its own inspect/ folder; pictures
+    only for the runs on the page), the experiments' statistics averaged over seeds against the
+    base model, the base model's picture grids on the page; a second report reuses the
+    inspections."""
+    pictured = []
     for name in EXPERIMENTS:
         for seed in (0, 1):
-            assert (studies[False] / name / f"seed-{seed}" / "inspect" / "activations.csv").exists()
+            folder = studies[False] / name / f"seed-{seed}" / "inspect"
+            assert (folder / "activations.csv").exists()
+            if (folder / "cam_correct.png").exists():
+                pictured.append(f"{name}/seed-{seed}")
+    # pictures only where the page shows them: the base model's and the best model's first run
+    assert pictured[0] == "resnet18-lr0.01/seed-0" and len(pictured) <= 2
+    assert all(p.endswith("seed-0") for p in pictured)
     rows = read_csv(studies[False] / "report" / "activations.csv")
     assert {r["experiment"] for r in rows} == set(EXPERIMENTS)
     assert all(r["n"] == "2" for r in rows) and len(rows) == 8 * len(EXPERIMENTS)
@@ -200,7 +208,7 @@ def test_a_run_that_cannot_be_inspected_is_named_and_the_report_goes_on(studies,
     shutil.copytree(studies[False], study)
     shutil.rmtree(study / "resnet18-adam" / "seed-1" / "inspect")
 
-    def out_of_memory(run_dir):
+    def out_of_memory(run_dir, **kwargs):
         raise RuntimeError("CUDA out of memory\nmore lines")
 
     monkeypatch.setattr("resnet_study.inspection.probes.inspect_run", out_of_memory)

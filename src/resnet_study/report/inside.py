@@ -19,6 +19,8 @@ from ..inspection.probes import MEASURES
 from ..plots import Figure, save
 from .runs import Run
 
+PICTURES = ("feature_maps_layer1", "cam_correct", "cam_wrong", "embedding")  # on the page
+
 
 @dataclass
 class Inside:
@@ -29,17 +31,19 @@ class Inside:
     notes: list[str]  # runs left out, and why
 
 
-def _inspected(run: Run, log: Callable[[str], None]) -> list[dict] | str:
+def _inspected(run: Run, pictures: bool, log: Callable[[str], None]) -> list[dict] | str:
     """The run's activation rows, inspecting it first where it has no inspection as recent as
-    its checkpoint; or why there are none."""
+    its checkpoint, or none with pictures where they are wanted; or why there are none."""
     checkpoint = run.directory / "checkpoint.pt"
-    stats = run.directory / "inspect" / "activations.csv"
+    folder = run.directory / "inspect"
+    stats = folder / "activations.csv"
     if not checkpoint.exists():
         return "no checkpoint"
-    if not stats.exists() or stats.stat().st_mtime < checkpoint.stat().st_mtime:
+    if (not stats.exists() or stats.stat().st_mtime < checkpoint.stat().st_mtime
+            or pictures and not (folder / f"{PICTURES[0]}.png").exists()):
         log(f"report: inspecting {run.directory.parent.name}/{run.directory.name}")
         try:
-            probes.inspect_run(run.directory)
+            probes.inspect_run(run.directory, pictures=pictures)
         except Exception as e:  # data gone, out of memory: the report goes on without it
             return one_line(e)
     with open(stats, newline="") as f:
@@ -51,13 +55,16 @@ def study_section(results: dict[str, list[Run]], out: Path, best: str | None,
                   log: Callable[[str], None]) -> Inside:
     """Every completed run with a checkpoint, inspected (cached in its folder): activation
     statistics per block, averaged over seeds, for each experiment against the base model
-    (report/activations.csv and figures), and the picture grids of the base and best models."""
+    (report/activations.csv and figures), and the picture grids of the base and best models'
+    first runs (the only runs whose pictures it draws)."""
     inside = Inside([], [], [])
     by_experiment: dict[str, list[dict]] = {}
+    pictured = {runs[0].directory for name, runs in results.items()
+                if runs and name in (BASE_EXPERIMENT, best)}
     for name, runs in results.items():
         per_run = []
         for run in runs:
-            rows = _inspected(run, log)
+            rows = _inspected(run, run.directory in pictured, log)
             if isinstance(rows, str):
                 inside.notes.append(f"{run.directory.parent.name}/{run.directory.name} not "
                                     f"inspected: {rows}")
@@ -90,7 +97,7 @@ def study_section(results: dict[str, list[Run]], out: Path, best: str | None,
         if folder is None or not folder.is_dir() or (label == "best model"
                                                       and name == BASE_EXPERIMENT):
             continue
-        for picture in ("feature_maps_layer1", "cam_correct", "cam_wrong", "embedding"):
+        for picture in PICTURES:
             path = folder / f"{picture}.png"
             if path.exists():
                 inside.figures.append(Figure(f"{name}-{picture}", f"{label.capitalize()}, {name} "
