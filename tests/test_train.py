@@ -67,13 +67,14 @@ def test_learns_the_synthetic_task(tmp_path):
 
 @pytest.mark.slow
 def test_learns_real_images(tmp_path, standin):
-    """The paper's recipe on 5,000 real CIFAR-10 images (the JPEG stand-in), two epochs.
+    """The paper's recipe on 5,000 real CIFAR-10 images (the JPEG stand-in), two epochs, tested
+    on 2,000 of its test images.
 
-    Measured 0.359 top-1 on 2026-11-26 (chance 0.10); the bar leaves room for seed and
+    Measured 0.3645 top-1 on 2026-12-03 (chance 0.10); the bar leaves room for seed and
     machine noise while still failing for a broken crop, label order or normalisation.
     """
-    summary = train(fast(data=str(standin), subset=5000, batch_size=128, epochs=2,
-                         eval_batch_size=1000), tmp_path, quiet=True)
+    summary = train(fast(data=str(standin), subset=5000, test_subset=2000, batch_size=128,
+                         epochs=2, eval_batch_size=1000), tmp_path, quiet=True)
     assert summary["test_top1"] > 0.28
 
 
