@@ -24,7 +24,7 @@ from PIL import Image
 
 from resnet_study.config import UsageError
 from resnet_study.data import store
-from resnet_study.data.loader import DeviceLoader, normalization
+from resnet_study.data.loader import DeviceLoader, Mixing, normalization
 from resnet_study.data.loader import split as split_images
 from resnet_study.data.sources import ImageSet
 from resnet_study.data.store import load_images
@@ -509,6 +509,55 @@ def test_test_loader_is_plain_and_in_order() -> None:
     x = torch.cat([x for x, _ in got])
     assert torch.equal(x, (torch.from_numpy(images).float() - mean) / std)
     assert torch.cat([y for _, y in got]).tolist() == labels.tolist()
+
+
+def mixing_loader(batch_size: int = 8, **kwargs: object) -> DeviceLoader:
+    """Eight images of eight classes, so that a soft target names both images it mixes."""
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    mean, std = normalization(images, "pixel")
+    return DeviceLoader(images, np.arange(8), batch_size=batch_size, device="cpu", mean=mean,
+                        std=std, augment=True, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixing_blends_each_image_with_a_partner_in_its_targets_share(kind: str) -> None:
+    """Each served image is its own augmented image mixed with another of the same batch, in
+    the share its soft target gives each label: blended throughout (mixup), or a box of the
+    other's pixels of that share of the image (CutMix); one share per batch."""
+    for epoch in range(3):
+        plain, labels = batches(mixing_loader(), epoch)[0]  # the same shuffle and crops
+        x, target = batches(mixing_loader(mix=Mixing(**{kind: 1.0}, classes=8)), epoch)[0]
+        assert target.shape == (8, 8) and torch.allclose(target.sum(1), torch.ones(8))
+        shares = set()
+        for i, own in enumerate(labels.tolist()):
+            share = float(target[i, own])
+            partner = [c for c in range(8) if c != own and target[i, c] > 0]
+            if not partner:  # paired with itself
+                assert torch.allclose(x[i], plain[i], atol=1e-5)
+                continue
+            j = labels.tolist().index(partner[0])
+            assert target[i, partner[0]] == pytest.approx(1 - share)
+            if kind == "mixup":
+                shares.add(round(share, 5))
+                assert torch.allclose(x[i], share * plain[i] + (1 - share) * plain[j],
+                                      atol=1e-4)
+            else:
+                taken = (x[i] != plain[i]).any(0)  # the pixels from the partner
+                assert torch.equal(x[i][:, taken], plain[j][:, taken])
+                assert int(taken.sum()) == round((1 - share) * 32 * 32)
+        assert len(shares) <= 1
+
+
+def test_mixed_epochs_resume_exactly_and_split_over_ranks_as_one_process() -> None:
+    mix = Mixing(mixup=0.4, cutmix=1.0, classes=8)
+    whole = batches(mixing_loader(mix=mix, batch_size=2), 1)
+    resumed = list(mixing_loader(mix=mix, batch_size=2).epoch(1, start=2))
+    assert all(torch.equal(a, b) for (xa, ta), (xb, tb) in zip(whole[2:], resumed, strict=True)
+               for a, b in ((xa, xb), (ta, tb)))
+    ranks = [batches(mixing_loader(mix=mix, batch_size=2, rank=r, world=2), 1) for r in (0, 1)]
+    for (x, t), (x0, t0), (x1, t1) in zip(whole, *ranks, strict=True):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(t, torch.cat([t0, t1]))
 
 
 # --- the real CIFAR-10 images, when present ---------------------------------------------------

@@ -15,6 +15,7 @@ from resnet_study.models import (
     ZeroPadShortcut,
     imagenet_weights_path,
     network,
+    training_flops,
 )
 
 from .helpers import LITERATURE_PARAMS, PAPER_PARAMS
@@ -264,6 +265,23 @@ def test_imagenet_weights_found_in_hub_cache(tmp_path, monkeypatch):
     torch.save(source.state_dict(), imagenet_weights_path())
     model = build_model("resnet18-pretrained")
     torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize("stem, size, gflop", [
+    ("imagenet", 8, 0.218), ("imagenet-nopool", 16, 0.840), ("imagenet-s1", 16, 0.869),
+    ("cifar", 32, 3.329)])
+def test_each_stem_gives_layer1_its_map_at_its_cost(stem, size, gflop):
+    """The map layer1 sees of a 32x32 image, and the training GFLOP per image: the two 16x16
+    stems cost about 4x the paper's, under the New Wide ResNet-18's 0.916."""
+    model = ResNet18(ModelConfig(stem=stem), num_classes=100)
+    seen = []
+    model.layer1.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    model(torch.randn(2, 3, 32, 32))
+    assert seen == [size]
+    assert training_flops(ModelConfig(stem=stem), 100) / 1e9 == pytest.approx(gflop, abs=5e-4)
+    if stem != "cifar":  # the same 7x7 conv: the same parameters, and ImageNet's weights fit
+        assert count_params(model) == PAPER_PARAMS["resnet18-lr0.01"]
+        ModelConfig(stem=stem, pretrained="imagenet")
 
 
 def test_pretrained_only_for_the_base_architecture():

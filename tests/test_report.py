@@ -218,6 +218,29 @@ def test_a_run_that_cannot_be_inspected_is_named_and_the_report_goes_on(studies,
     assert "resnet18-adam (n = 1): output variance" in page
 
 
+def test_flips_at_test_time_get_a_column_of_their_own(studies, tmp_path):
+    """Runs tested with flips (`--tta`): their mean in its own column after the single view's,
+    blank for the rows without; every format keeps its shape."""
+    study = tmp_path / "study"
+    shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("inspect", "report"))
+    for seed, tta in ((0, 0.25), (1, 0.5)):
+        path = study / "resnet18-adam" / f"seed-{seed}" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "test_top1_tta": tta}))
+    report(study, inspect=False)
+    md = (study / "report" / "table1.md").read_text().splitlines()
+    head = md[2].split(" | ")
+    column = head.index("Top-1 with flips (mean)")
+    assert head[column - 1] == "Top-1 (mean ± sd)"
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md[4:]}
+    assert cells["ResNet-18 Adam optimizer"][column] == "0.3750"
+    assert cells["ResNet-18 LR = 0.01"][column] == "" and len(set(map(len, cells.values()))) == 1
+    assert {r["experiment"]: r["tta_mean"] for r in read_csv(study / "report" / "table1.csv")
+            if r["experiment"]}["resnet18-adam"] == "0.375"
+    tex = (study / "report" / "table1.tex").read_text()
+    assert r"\begin{tabular}{lrrrrrrrl}" in tex
+    assert "Top-1 with flips (mean)" in html.unescape((study / "report" / "index.html").read_text())
+
+
 def test_literature_rows_are_filled_by_their_runs(studies, tmp_path):
     """Runs of literature experiments fill their Table 1 rows beside the paper's number, named
     by recipe, and get their figures; the runs here are the base model's files relabelled (the

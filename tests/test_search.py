@@ -49,8 +49,8 @@ def searched(space, tmp_path_factory):
     evaluated = []
     evaluate = epoch.evaluate
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(epoch, "evaluate", lambda model, loader, amp: evaluated.append(
-            loader.num_images) or evaluate(model, loader, amp))
+        mp.setattr(epoch, "evaluate", lambda model, loader, amp, **kw: evaluated.append(
+            loader.num_images) or evaluate(model, loader, amp, **kw))
         assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
                      "--epochs", "2", "--test-subset", "48", *TINY]) == 0
     return out, evaluated

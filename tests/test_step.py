@@ -79,11 +79,33 @@ def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
     TrainConfig(epochs=2, lr=0.01, optimizer="adam", grad_clip=0.1, clip_mode="value"),
     TrainConfig(epochs=2, lr=0.01, optimizer="adamw", weight_decay=0.05, grad_clip=1.0,
                 clip_mode="norm"),
+    TrainConfig(epochs=2, lr=0.01, nesterov=True, weight_decay=0.05,
+                decay_norms_and_biases=False),
+    TrainConfig(epochs=2, lr=0.01, optimizer="adam", weight_decay=0.05,
+                decay_norms_and_biases=False),
 ], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay", "multistep-warmup",
-        "adam-value-clip", "adamw-norm-clip"])
+        "adam-value-clip", "adamw-norm-clip", "sgd-weights-decayed-only",
+        "adam-weights-decayed-only"])
 def test_graph_ready_step_trains_like_the_eager_step(cfg):
     data = batches(2 * STEPS_PER_EPOCH)
     assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_without_decay_on_norms_and_biases_only_weights_shrink(optimizer):
+    """A step on a zero loss moves a parameter by its weight decay alone: convolution and
+    linear weights shrink, batch norm's scales and shifts and every bias stay as they were."""
+    cfg = TrainConfig(epochs=1, lr=0.1, optimizer=optimizer, weight_decay=0.5,
+                      decay_norms_and_biases=False)
+    parts = setup(cfg)
+    before = {name: p.detach().clone() for name, p in parts.model.named_parameters()}
+    (0 * parts.model(batches(1)[0][0]).sum()).backward()
+    parts.optimizer.step()
+    moved = {name for name, p in parts.model.named_parameters()
+             if not torch.equal(p, before[name])}
+    one_dimensional = {name for name, p in parts.model.named_parameters() if p.ndim == 1}
+    assert {"bn1.weight", "bn1.bias", "fc.bias", "layer4.1.bn2.weight"} <= one_dimensional
+    assert moved == set(before) - one_dimensional
 
 
 def test_a_wrong_momentum_is_caught():

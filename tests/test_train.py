@@ -9,6 +9,8 @@ from resnet_study import UsageError
 from resnet_study.config import get_experiment
 from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
+from resnet_study.training.checkpoint import load_run
+from resnet_study.training.epoch import evaluate
 from resnet_study.training.train import Stop, train
 
 from .helpers import read_metrics, without_timings
@@ -78,11 +80,39 @@ def test_learns_real_images(tmp_path, standin):
     assert summary["test_top1"] > 0.28
 
 
+def test_the_moving_average_is_what_is_evaluated_and_kept_beside_the_weights(tmp_path):
+    """With --ema the epoch's test figures are the average's, the checkpoint keeps both, and
+    `evaluate`'s and `inspect`'s loader (`load_run`) takes the average."""
+    summary = train(fast(epochs=1, ema=0.5), tmp_path, quiet=True)
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    run = load_run(tmp_path, progress=False)
+    loaded = run.model.state_dict()
+    assert loaded.keys() == trained.keys()
+    assert any(not torch.equal(loaded[k].cpu(), trained[k]) for k in trained)
+    assert evaluate(run.model, run.splits.test, run.amp)["top1"] == summary["test_top1"]
+
+
+def test_flips_at_test_time_are_a_column_beside_the_single_view(tmp_path):
+    """test_top1_tta in metrics.csv and the summary; the protocol's test_top1 and the training
+    are those of the same run without it."""
+    plain = train(fast(epochs=1), tmp_path / "plain", quiet=True)
+    flips = train(fast(epochs=1, tta=True), tmp_path / "flips", quiet=True)
+    rows = read_metrics(tmp_path / "flips")
+    assert "test_top1_tta" not in plain and "test_top1_tta" not in read_metrics(
+        tmp_path / "plain")[0]
+    assert flips["test_top1_tta"] == float(rows[-1]["test_top1_tta"])
+    assert 0 <= flips["test_top1_tta"] <= 1
+    assert flips["test_top1"] == plain["test_top1"]
+
+
 @pytest.mark.slow
 @pytest.mark.precision
 def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
-    """Exact in either precision: a resumed run redoes what the uninterrupted one did."""
-    exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2)
+    """Exact in either precision: a resumed run redoes what the uninterrupted one did, with
+    every option that draws or keeps state of its own on (dropout, mixup and CutMix, the
+    weights' moving average, decay on weights only, flips at test time)."""
+    exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2, mixup=0.4,
+               cutmix=1.0, ema=0.9, decay_norms_and_biases=False, tta=True)
     full = train(exp, tmp_path / "full", quiet=True)
 
     def crash_after_second_epoch(exp, row):  # its checkpoint written, the third not begun

@@ -175,7 +175,7 @@ def _add_evaluate(sub) -> None:
 def cmd_experiments(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import count_params, network
+    from .models import count_params, network, training_flops
 
     rows = []
     for name, exp in all_experiments().items():
@@ -184,6 +184,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         t = exp.train
         rows.append({"name": name, "group": exp.group, "extends": exp.extends or None,
                      "row": exp.row, "params": params,
+                     "gflop": round(training_flops(exp.model, 100) / 1e9, 3),
                      "model": _describe_model(exp), "optimizer": t.optimizer, "lr": t.lr,
                      "schedule": _describe_schedule(t),
                      "grad_clip": f"{t.grad_clip} ({t.clip_mode})" if t.grad_clip else "none",
@@ -191,11 +192,13 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "model", "params", "optimizer", "lr", "schedule", "grad_clip", "epochs"]
+    # gflop: of one training step per 32x32 image (models.training_flops)
+    cols = ["name", "model", "params", "gflop", "optimizer", "lr", "schedule", "grad_clip",
+            "epochs"]
     table = [[f"{r[c]:,}" if c == "params" else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     for line in [cols, ["-" * w for w in widths], *table]:
-        print("  ".join(v.rjust(w) if c == "params" else v.ljust(w)
+        print("  ".join(v.rjust(w) if c in ("params", "gflop") else v.ljust(w)
                         for v, w, c in zip(line, widths, cols, strict=True)).rstrip())
     return 0
 

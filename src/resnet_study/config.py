@@ -89,7 +89,10 @@ class ModelConfig:
     literature rows."""
 
     family: Literal["resnet18", "cifar-resnet"] = "resnet18"
-    stem: Literal["imagenet", "cifar"] = "imagenet"  # 7x7/2 conv + max-pool, or 3x3/1 conv
+    # The map layer1 sees of a 32x32 image: imagenet, the paper's 7x7/2 conv + max-pool, 8x8;
+    # imagenet-nopool (7x7/2, no max-pool) and imagenet-s1 (7x7/1 + max-pool), 16x16; cifar,
+    # a 3x3/1 conv, 32x32 (models.STEMS).
+    stem: Literal["imagenet", "imagenet-nopool", "imagenet-s1", "cifar"] = "imagenet"
     block: Literal["post", "pre"] = "post"  # conv-BN-ReLU (original) or BN-ReLU-conv
     width: int = 1  # k: stage widths 64k..512k (resnet18) or 16k, 32k, 64k (cifar-resnet)
     blocks: int = 2  # residual blocks per stage: 2 in ResNet-18, n in a 6n+2-layer CIFAR ResNet
@@ -116,9 +119,9 @@ class ModelConfig:
         _require(self.pretrained is None or (self.family == "resnet18" and self.width == 1
                                               and self.shortcut_kernel == 1
                                               and self.block == "post" and self.batch_norm
-                                              and self.stem == "imagenet"),
+                                              and self.stem != "cifar"),
                  "pretrained weights exist only for the base architecture "
-                 "(imagenet stem, post-activation, width 1, 1x1 shortcut, batch norm)")
+                 "(a 7x7 imagenet stem, post-activation, width 1, 1x1 shortcut, batch norm)")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,22 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     clip_mode: Literal["value", "norm"] = "value"  # the paper's "grad clip" is by value
     label_smoothing: float = 0.0
+    # Mixing each training batch with a shuffled copy of itself, by a Beta(a, a) share drawn
+    # per batch (a = the value; 0 = off): mixup blends the images, CutMix pastes a box of the
+    # other; the targets mix in the same share. With both on, each batch takes one of the two
+    # at even odds (data.loader.DeviceLoader).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    # Decay per step of an exponential moving average of the weights and batch norm's
+    # statistics (torch.optim.swa_utils; 0 = off): evaluation, `evaluate` and `inspect` use the
+    # average, and the checkpoint keeps it beside the trained weights.
+    ema: float = 0.0
+    # False: no weight decay on batch norm's scales and shifts nor on any bias (every parameter
+    # of one dimension), only on convolution and linear weights.
+    decay_norms_and_biases: bool = True
+    # Also test each image with its mirror image, the two softmaxes averaged: test_top1_tta,
+    # beside the protocol's single view (test_top1), never in its place.
+    tta: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -169,6 +188,12 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}")
         _require(0 <= self.label_smoothing < 1,
                  f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        _require(0 <= self.ema < 1, f"ema must be in [0, 1) (a decay per step; 0 = off), "
+                                    f"not {self.ema}")
+        for name in ("mixup", "cutmix"):
+            _require(getattr(self, name) >= 0,
+                     f"{name} must be >= 0 (the Beta distribution's a; 0 = off), not "
+                     f"{getattr(self, name)}")
         _require(not (self.nesterov and self.optimizer != "sgd"), "nesterov applies to sgd only")
         object.__setattr__(self, "milestones", tuple(self.milestones))  # TOML and JSON give lists
         _require(list(self.milestones) == sorted(set(self.milestones))

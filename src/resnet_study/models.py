@@ -26,6 +26,11 @@ from .files import load_tensors
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 STAGE_WIDTHS = (64, 128, 256, 512)  # ResNet-18, times its width k
 CIFAR_STAGE_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR ResNets, times a wide ResNet's k
+# A ResNet-18's stem: conv kernel, conv stride, 3x3/2 max-pool after it. The paper's ImageNet stem
+# leaves layer1 8x8 maps of a 32x32 image, where the CIFAR literature's 3x3 stem keeps 32x32;
+# the two between keep 16x16 at about 4x the paper's cost (README, "The networks").
+STEMS = {"imagenet": (7, 2, True), "imagenet-nopool": (7, 2, False),
+         "imagenet-s1": (7, 1, True), "cifar": (3, 1, False)}
 
 
 def _norm(channels: int, enabled: bool) -> nn.Module:
@@ -186,12 +191,9 @@ class ResNet18(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = 100) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = _conv(3, 64, 3)
-            self.maxpool = nn.Identity()
+        kernel, stride, pool = STEMS[cfg.stem]
+        self.conv1 = nn.Conv2d(3, 64, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity()
         self.bn1 = _norm(64, cfg.batch_norm)
         self.relu = nn.ReLU(inplace=True)
 

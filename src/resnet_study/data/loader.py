@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,20 @@ def normalization(train_images: np.ndarray, mode: str) -> tuple[torch.Tensor, to
 
 # --- batches on the device --------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Mixing:
+    """mixup and CutMix of a training batch with a shuffled copy of itself (the Beta
+    distribution's a for each; 0 = off), and the classes its soft targets span."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    classes: int = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.mixup or self.cutmix)
+
+
 class DeviceLoader:
     """One split, resident on the device, served as normalized float batches.
 
@@ -62,7 +77,7 @@ class DeviceLoader:
                  device: torch.device | str, mean: torch.Tensor, std: torch.Tensor,
                  augment: bool, padding_mode: str = "reflect", seed: int = 0,
                  shuffle: bool | None = None, channels_last: bool = True,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, mix: Mixing = Mixing()) -> None:
         if padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be reflect or zeros, not {padding_mode!r}")
         self.device = torch.device(device)
@@ -80,6 +95,7 @@ class DeviceLoader:
         self.augment = augment
         self.shuffle = augment if shuffle is None else shuffle
         self.seed = seed
+        self.mix = mix if augment else Mixing()
         self.channels_last = channels_last
         self.num_images = len(labels)
         # Distributed training: every rank draws the whole global batch (order, crops, flips)
@@ -107,29 +123,76 @@ class DeviceLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from batch `start` on (a run resumed mid-epoch), exactly as an
         uninterrupted epoch would have served them."""
-        for x, y in self._pixels(epoch, start):
-            yield self.normalize(x), y
+        if not self.mix.on:
+            for x, y in self._pixels(epoch, start):
+                yield self.normalize(x), y
+            return
+        # The shares and boxes come from the host, seeded by (seed, epoch) as the crops are,
+        # drawn for the batches a resumed epoch skips too: it mixes as the uninterrupted one.
+        draws = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 1]))
+        for _ in range(start):
+            self._mix_draws(draws)
+        for (x, y), (partner, partner_y) in self._pixels(epoch, start, pairs=True):
+            yield self._mixed(self.normalize(x), self.normalize(partner), y, partner_y,
+                              *self._mix_draws(draws))
 
     def pixels(self, epoch: int, batch: int = 0) -> torch.Tensor:
         """Batch `batch` of epoch `epoch` as training sees it, before normalisation: uint8
         (B, 3, 32, 32) images, for pictures of what the network is shown."""
         return next(self._pixels(epoch, batch))[0].permute(0, 3, 1, 2)
 
-    def _pixels(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _pixels(self, epoch: int, start: int, pairs: bool = False) -> Iterator:
+        """(images, labels) per batch from batch `start` on; with `pairs`, ((images, labels),
+        (partners, their labels)), each image's partner drawn from the whole global batch."""
         g = self.generator(epoch)
         n = self.num_images
         order = (torch.randperm(n, generator=g, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
         for i, idx in enumerate(self._batches(order)):
             draws = self._draws(len(idx), g) if self.augment else None
+            partner = torch.randperm(len(idx), generator=g, device=self.device) if pairs else None
             if i < start:  # the draws above keep the generator where the epoch had it
                 continue
             mine = slice(len(idx) * self.rank // self.world,
                          len(idx) * (self.rank + 1) // self.world)
-            idx = idx[mine]
-            x = (self._crop_and_flip(idx, *(d[mine] for d in draws)) if self.augment
-                 else self.images[idx])
-            yield x, self.labels[idx]
+            batch = self._served(idx, draws, torch.arange(len(idx), device=self.device)[mine])
+            yield (batch, self._served(idx, draws, partner[mine])) if pairs else batch
+
+    def _served(self, idx: torch.Tensor, draws: tuple | None,
+                at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels at positions `at` of the batch `idx`, cropped and flipped as
+        the batch's draws say."""
+        x = (self._crop_and_flip(idx[at], *(d[at] for d in draws)) if self.augment
+             else self.images[idx[at]])
+        return x, self.labels[idx[at]]
+
+    def _mix_draws(self, rng: np.random.Generator) -> tuple[float, tuple[int, ...] | None]:
+        """A batch's share of its own images and, for CutMix, the box (top, bottom, left,
+        right) where the partners show."""
+        m = self.mix
+        cut = m.cutmix > 0 and (m.mixup == 0 or rng.random() < 0.5)
+        share = float(rng.beta(*(2 * [m.cutmix if cut else m.mixup])))
+        if not cut:
+            return share, None
+        side = SIZE * math.sqrt(1 - share)
+        cy, cx = rng.integers(0, SIZE, 2)
+        box = tuple(int(np.clip(c + d * side / 2, 0, SIZE)) for c in (cy, cx) for d in (-1, 1))
+        return share, box
+
+    def _mixed(self, x: torch.Tensor, partner: torch.Tensor, y: torch.Tensor,
+               partner_y: torch.Tensor, share: float,
+               box: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch mixed with its partners, and the soft targets in the pixels' shares."""
+        if box is None:
+            x = x.mul_(share).add_(partner, alpha=1 - share)
+        else:
+            top, bottom, left, right = box
+            x[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
+            share = 1 - (bottom - top) * (right - left) / SIZE**2  # the box as it was cut
+        classes = self.mix.classes
+        target = torch.nn.functional.one_hot(y, classes).float().mul_(share)
+        target.add_(torch.nn.functional.one_hot(partner_y, classes).float(), alpha=1 - share)
+        return x, target
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images as the network takes them: normalised float NCHW, in the loader's

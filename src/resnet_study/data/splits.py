@@ -9,7 +9,7 @@ import torch
 
 from ..config import Experiment, UsageError
 from ..training.device import Ranks
-from .loader import DeviceLoader, normalization, split
+from .loader import DeviceLoader, Mixing, normalization, split
 from .sources import ImageSet
 from .store import load_images
 
@@ -67,7 +67,9 @@ def make_splits(exp: Experiment, device: torch.device, progress: bool = True,
     return Splits(
         images=images,
         train=DeviceLoader(x, y, augment=True, padding_mode=cfg.padding_mode,
-                           seed=train_cfg.seed, rank=ranks.rank, world=ranks.world, **common),
+                           seed=train_cfg.seed, rank=ranks.rank, world=ranks.world,
+                           mix=Mixing(train_cfg.mixup, train_cfg.cutmix, len(images.classes)),
+                           **common),
         test=DeviceLoader(*test, **evaluation) if execution.test_split else None,
         val=None if val is None else DeviceLoader(*val, **evaluation),
     )

@@ -79,6 +79,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
                          "difference": None, "profile": "", "settings": "", "extends": ""})
             continue
         top1 = np.array([r.summary["test_top1"] for r in runs])
+        tta = [r.summary.get("test_top1_tta") for r in runs]
         profile = combined_profile({r.experiment.profile for r in runs})
         rows.append({
             "experiment": name, "row": runs[0].experiment.row, "params": runs[0].summary["params"],
@@ -90,7 +91,8 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
             "difference": float(top1.mean()) - paper["top1"] if paper and profile == "paper"
             else None,
             "profile": profile, "settings": _settings(runs),
-            "extends": runs[0].experiment.extends})
+            "extends": runs[0].experiment.extends,
+            "tta_mean": float(np.mean(tta)) if None not in tta else None})
     return rows
 
 
@@ -103,28 +105,36 @@ def unmeasured_literature(rows: list[dict]) -> list[dict]:
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
     """Table 1 as text cells: the measured rows (literature rows with their measurements), then
-    the literature rows the study did not re-measure, with the paper's number alone."""
+    the literature rows the study did not re-measure, with the paper's number alone. Where any
+    run tested with flips, they get a column after the protocol's single view."""
+    flips = _with_flips(rows)
     cells = []
     for r in rows:
         paper = "" if r["paper_top1"] is None else f"{r['paper_top1']:.4f}"
+        tta = [] if not flips else ["" if r.get("tta_mean") is None else f"{r['tta_mean']:.4f}"]
         if not r["n"]:
-            cells.append([r["row"], "", "", "no completed run", "0", paper, "", ""])
+            cells.append([r["row"], "", "", "no completed run", *tta, "0", paper, "", ""])
             continue
         std = "" if math.isnan(r["top1_std"]) else f" ± {r['top1_std']:.4f}"
         diff = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         cells.append([r["row"], f"{r['params']:,}", _minutes(r["train_seconds"]),
-                      f"{r['top1_mean']:.4f}{std}", str(r["n"]), paper, diff,
+                      f"{r['top1_mean']:.4f}{std}", *tta, str(r["n"]), paper, diff,
                       settings_cell(r["experiment"], r["extends"], r["settings"])])
-    return cells + [[lit["row"], "", "", "", "", f"{lit['top1']:.4f}", "",
-                     "literature (not re-measured)"] for lit in unmeasured_literature(rows)]
+    return cells + [[lit["row"], "", "", "", *([""] if flips else []), "", f"{lit['top1']:.4f}",
+                     "", "literature (not re-measured)"] for lit in unmeasured_literature(rows)]
+
+
+def _with_flips(rows: list[dict]) -> bool:
+    return any(r.get("tta_mean") is not None for r in rows)
 
 
 def table_head(rows: list[dict]) -> list[str]:
     epochs = {r["epochs"] for r in rows if r["n"]}
     time = f"Training time ({epochs.pop()} epochs, mean)" if len(epochs) == 1 else (
         "Training time (mean)")
-    return ["Method", "Total parameters", time, "Top-1 (mean ± sd)", "n", "Paper top-1",
-            "Difference", "Settings"]
+    flips = ["Top-1 with flips (mean)"] if _with_flips(rows) else []
+    return ["Method", "Total parameters", time, "Top-1 (mean ± sd)", *flips, "n",
+            "Paper top-1", "Difference", "Settings"]
 
 
 def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
@@ -134,7 +144,8 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
     note = " ".join([*protocol_notes(profiles),
                      f"Measured on {dataset}; the paper's column is CIFAR-100."])
     columns = ["experiment", "row", "params", "epochs", "train_seconds", "top1_mean", "top1_std",
-               "n", "paper_top1", "difference", "profile", "settings"]
+               *(["tta_mean"] if _with_flips(rows) else []), "n", "paper_top1", "difference",
+               "profile", "settings"]
     literature = [{"row": lit["row"], "paper_top1": lit["top1"], "profile": "literature",
                    "settings": "literature (not re-measured)"}
                   for lit in unmeasured_literature(rows)]
@@ -146,7 +157,8 @@ def write_tables(rows: list[dict], out: Path, dataset: str) -> None:
     md += [_markdown_row(line) for line in body]
     write_text(out / "table1.md", "\n".join(md) + "\n")
 
-    lines = [r"% " + " ".join(note.splitlines()), r"\begin{tabular}{lrrrrrrl}", r"\hline",
+    lines = [r"% " + " ".join(note.splitlines()),
+             r"\begin{tabular}{l" + "r" * (len(head) - 2) + "l}", r"\hline",
              " & ".join(tex_escape(h) for h in head) + r" \\", r"\hline"]
     lines += [" & ".join(tex_escape(c) for c in line) + r" \\" for line in body]
     lines += [r"\hline", r"\end{tabular}"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import Experiment, UsageError
 from ..data.splits import Splits, make_splits
@@ -45,6 +46,12 @@ class Assembly:
     steps_per_epoch: int
     log: Callable[[str], None]
     step: Step | None = None  # (x, y, grad_scale) -> loss; set by `assemble`
+    ema: AveragedModel | None = None  # the weights' moving average, with --ema
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What evaluation runs: the moving average where there is one, else the network."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def precision(self) -> str:
@@ -57,7 +64,8 @@ class Assembly:
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the training state."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
 
 def _wrap(model: nn.Module, exp: Experiment, device: torch.device, ranks: Ranks) -> nn.Module:
@@ -108,5 +116,10 @@ def assemble(exp: Experiment, *, model: nn.Module | None = None,
         set_rng_state(checkpoint["rng"])
     parts = Assembly(exp, device, amp, ranks, splits, model, _wrap(model, exp, device, ranks),
                      optimizer, scheduler, scaler, steps, log)
+    if cfg.ema:
+        parts.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                  use_buffers=True)
+        if checkpoint is not None:
+            parts.ema.load_state_dict(checkpoint["ema"])
     parts.step = make_step(parts)
     return parts

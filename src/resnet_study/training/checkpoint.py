@@ -131,8 +131,16 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
         raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
                          f"{len(splits.images.classes)} classes ({mismatch}); were they "
                          "copied from different runs?")
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(_evaluated_weights(ckpt))
     memory_format = torch.channels_last if exp.execution.channels_last else torch.contiguous_format
     model = model.to(target, memory_format=memory_format).eval()
     return LoadedRun(exp, ckpt["epoch"], splits, model, target,
                      autocast_dtype(exp.execution.precision, target))
+
+
+def _evaluated_weights(ckpt: dict) -> dict:
+    """The weights a run is evaluated with: the moving average's (`--ema`), else the trained."""
+    if "ema" not in ckpt:
+        return ckpt["model"]
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}

@@ -32,30 +32,34 @@ LOG_EVERY = 20  # steps between host reads of the loss
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader,
-             amp: torch.dtype | None) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader: DeviceLoader, amp: torch.dtype | None,
+             tta: bool = False) -> dict[str, Any]:
     """Mean loss, top-1 and top-5 accuracy over a whole split (sums kept on the device),
-    and the top-1 prediction for every image, in the split's order."""
+    and the top-1 prediction for every image, in the split's order; with `tta`, also top-1
+    with each image's mirror image (`top1_tta`), the two views' softmaxes averaged."""
     was_training = model.training
     model.eval()
     device = loader.device
     loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros(2, device=device, dtype=torch.int64)
+    correct = torch.zeros(3, device=device, dtype=torch.int64)
     predictions = []
     for x, y in loader.epoch(0):
         with autocast(device, amp):
             logits = model(x)
+            mirrored = model(x.flip(3)).float() if tta else None
         logits = logits.float()
         loss += F.cross_entropy(logits, y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
-        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        both = (logits.softmax(1) + mirrored.softmax(1)).argmax(1) == y if tta else hits[:, 0]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), both.sum()])
         predictions.append(top[:, 0])
     model.train(was_training)
     n = loader.num_images
-    top1, top5 = (correct.double() / n).tolist()
+    top1, top5, top1_tta = (correct.double() / n).tolist()
     return {"loss": loss.item() / n, "top1": top1, "top5": top5,
-            "predictions": torch.cat(predictions).cpu().numpy()}
+            "predictions": torch.cat(predictions).cpu().numpy(),
+            **({"top1_tta": top1_tta} if tta else {})}
 
 
 class StopSignal:
@@ -147,6 +151,8 @@ def run_epoch(parts: Assembly, epoch: int, stop: StopSignal | None = None,
             global_batch = min(loader.batch_size, loader.num_images - step * loader.batch_size)
             share = len(y) * ranks.world / global_batch if ranks.world > 1 else 1.0
             loss_sum += parts.step(x, y, share) * len(y)
+            if parts.ema is not None:  # eager, after a replayed graph too
+                parts.ema.update_parameters(parts.model)
             seen += len(y)
             bar.update()
             if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
@@ -178,11 +184,13 @@ def _evaluated(parts: Assembly, epoch: int, train_loss: float, seen: int, start:
     splits = parts.splits
     row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
     measured = {}  # each split's evaluation; their .item() calls sync the device
+    tta = parts.experiment.train.tta
     for name, loader in (("test", splits.test), ("val", splits.val)):
         if loader is not None:
-            measured[name] = evaluate(parts.model, loader, parts.amp)
+            measured[name] = evaluate(parts.evaluated, loader, parts.amp, tta=tta)
     if "test" in measured:
         row.update({f"test_{k}": measured["test"][k] for k in ("loss", "top1", "top5")})
+        row.update({"test_top1_tta": measured["test"]["top1_tta"]} if tta else {})
     row.update(lr=parts.scheduler.get_last_lr()[0], epoch_seconds=time.perf_counter() - start,
                eval_seconds=time.perf_counter() - start - train_seconds,
                images_per_second=seen / train_seconds)

@@ -54,7 +54,9 @@ class RunRecord:
                    test_top5=last.get("test_top5"), val_top1=last.get("val_top1"),
                    train_seconds=sum(r["epoch_seconds"] for r in history),
                    images_per_second=(sum(r["images_per_second"] for r in history)
-                                      / len(history) if history else None))
+                                      / len(history) if history else None),
+                   **({"test_top1_tta": last["test_top1_tta"]} if "test_top1_tta" in last
+                      else {}))
 
     def write(self, status: str, **extra: Any) -> dict:
         """summary.json with `status` (completed, diverged, stopped or failed) and all known."""

@@ -34,13 +34,25 @@ GRAPH_WARMUP = 3  # uncaptured steps on a side stream before the capture, as CUD
 Step = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, y, grad_scale) -> loss
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group, or, without decay on norms and biases, the weights (decayed) and every
+    parameter of one dimension (batch norm's scales and shifts, biases; not decayed)."""
+    if cfg.decay_norms_and_biases:
+        return [{"params": list(model.parameters())}]
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1]},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     fused = {"foreach": True}  # one kernel per parameter group, not per tensor
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -144,7 +156,11 @@ class GraphStep:
         self.parts = parts
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.cfg, self.amp, self.log = parts.experiment.train, parts.amp, parts.log
-        self.params = list(self.model.parameters())
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Positions in `params` of those the optimiser decays (all, unless norms and biases
+        # are left out).
+        self.decayed = [i for i, p in enumerate(self.params)
+                        if self._group(p)["weight_decay"]]
         self.device = self.params[0].device
         self.table = schedule_table(self.cfg, parts.steps_per_epoch, self.device,
                                     self.params[0].dtype)
@@ -178,6 +194,22 @@ class GraphStep:
             torch._foreach_add_([self.optimizer.state[p]["step"] for p in self.params], 1.0)
         return loss
 
+    def _group(self, param: torch.Tensor) -> dict:
+        return next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
+
+    def _decay(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients with L2 weight decay added where the optimiser decays (torch.optim's
+        foreach SGD and Adam do the same per group)."""
+        if not self.cfg.weight_decay or not self.decayed:
+            return grads
+        added = torch._foreach_add([grads[i] for i in self.decayed],
+                                   [self.params[i] for i in self.decayed],
+                                   alpha=self.cfg.weight_decay)
+        grads = list(grads)
+        for i, g in zip(self.decayed, added, strict=True):
+            grads[i] = g
+        return grads
+
     def _has_state(self) -> bool:
         key = "momentum_buffer" if self.cfg.optimizer == "sgd" else "exp_avg"
         state = self.optimizer.state
@@ -208,8 +240,7 @@ class GraphStep:
         params = self.params
         grads = [p.grad for p in params]
         bufs = [self.optimizer.state[p]["momentum_buffer"] for p in params]
-        if self.cfg.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.cfg.weight_decay)
+        grads = self._decay(grads)
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads)
         if self.cfg.nesterov:
@@ -226,10 +257,10 @@ class GraphStep:
         grads = [p.grad for p in params]
         exp_avgs = [s["exp_avg"] for s in state]
         exp_avg_sqs = [s["exp_avg_sq"] for s in state]
-        if cfg.weight_decay and cfg.optimizer == "adamw":
-            torch._foreach_mul_(params, decay)
-        elif cfg.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        if cfg.optimizer == "adamw" and cfg.weight_decay and self.decayed:
+            torch._foreach_mul_([params[i] for i in self.decayed], decay)
+        elif cfg.optimizer == "adam":
+            grads = self._decay(grads)
         torch._foreach_lerp_(exp_avgs, grads, [1 - beta1] * len(grads))
         beta2 = group["betas"][1]
         torch._foreach_mul_(exp_avg_sqs, beta2)

@@ -142,7 +142,8 @@ class Training:
         self.history: list[dict] = ckpt["history"] if ckpt else []
         self.partial: dict | None = ckpt.get("partial") if ckpt else None
         self.columns = [c for c in METRICS if parts.splits.test or c not in TEST_METRICS] + (
-            VAL_METRICS if parts.splits.val else [])
+            VAL_METRICS if parts.splits.val else []) + (
+            ["test_top1_tta"] if parts.splits.test and parts.experiment.train.tta else [])
         record.learn(params=count_params(parts.model), dataset=parts.splits.images.name,
                      device=device_label(parts.device), precision=parts.precision,
                      processes=parts.ranks.world)
@@ -212,7 +213,9 @@ class Training:
         self.parts.log(f"epoch {epoch + 1:>3}/{exp.train.epochs}  train loss "
                        f"{row['train_loss']:.4f}  {split} loss {row[f'{split}_loss']:.4f}  top-1 "
                        f"{row[f'{split}_top1']:.4f}  top-5 {row[f'{split}_top5']:.4f}  "
-                       f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f} s")
+                       + (f"with flips {row['test_top1_tta']:.4f}  " if "test_top1_tta" in row
+                          else "")
+                       + f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f} s")
 
     def _observe(self, observers: Sequence[Observer], row: dict) -> Stop | None:
         """Rank 0's observers see the epoch; every rank learns whether one asked to stop."""
