@@ -108,6 +108,19 @@ def test_without_decay_on_norms_and_biases_only_weights_shrink(optimizer):
     assert moved == set(before) - one_dimensional
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_graph_ready_step_trains_like_the_eager_step_on_mixed_targets(optimizer):
+    """mixup's and CutMix's soft targets (each row two labels' shares) through both steps."""
+    cfg = TrainConfig(epochs=2, lr=0.01, optimizer=optimizer, label_smoothing=0.1)
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for x, y in batches(2 * STEPS_PER_EPOCH):
+        share = torch.rand((), generator=g, dtype=torch.float64)
+        soft = torch.nn.functional.one_hot(y, 10).double()
+        data.append((x, share * soft + (1 - share) * soft.roll(1, 0)))
+    assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
+
+
 def test_a_wrong_momentum_is_caught():
     """The comparison above can fail: the same step with one-cycle's momentum held fixed."""
     cfg = TrainConfig(epochs=2, lr=0.01)
