@@ -22,10 +22,12 @@ run: $(STAMP)
 
 # Two workers, one thread each, a test file per worker at a time (module fixtures built once):
 # most of the suite is process start-up and plotting, which one core does alone, and two torch
-# thread pools on two cores would only fight.
+# thread pools on two cores would only fight. Files go out in the order tests/conftest.py gives
+# them, the longest first, not xdist's (most tests first), which left the longest to the end.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder \
+		--durations=12
 
 # The tests marked `precision` once more each way: `auto` as on a CPU without native bf16 (fp32)
 # and as on one with it (bf16), whatever this CPU is. CI runs it after `make test`.
