@@ -6,6 +6,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resnet_study import UsageError
+from resnet_study.cli import main
 from resnet_study.config import get_experiment
 from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
@@ -92,7 +93,7 @@ def test_the_moving_average_is_what_is_evaluated_and_kept_beside_the_weights(tmp
     assert evaluate(run.model, run.splits.test, run.amp)["top1"] == summary["test_top1"]
 
 
-def test_flips_at_test_time_are_a_column_beside_the_single_view(tmp_path):
+def test_flips_at_test_time_are_a_column_beside_the_single_view(tmp_path, capsys):
     """test_top1_tta in metrics.csv and the summary; the protocol's test_top1 and the training
     are those of the same run without it."""
     plain = train(fast(epochs=1), tmp_path / "plain", quiet=True)
@@ -103,6 +104,8 @@ def test_flips_at_test_time_are_a_column_beside_the_single_view(tmp_path):
     assert flips["test_top1_tta"] == float(rows[-1]["test_top1_tta"])
     assert 0 <= flips["test_top1_tta"] <= 1
     assert flips["test_top1"] == plain["test_top1"]
+    assert main(["evaluate", str(tmp_path / "flips"), "--json"]) == 0  # the same, re-tested
+    assert json.loads(capsys.readouterr().out)["test_top1_tta"] == flips["test_top1_tta"]
 
 
 @pytest.mark.slow

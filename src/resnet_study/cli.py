@@ -367,12 +367,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.epoch import evaluate
 
     run = load_run(args.run_dir, args.data, args.device, progress=not args.json)
-    test = evaluate(run.model, run.splits.test, run.amp)
+    tta = run.experiment.train.tta  # a run trained with --tta is tested with flips too
+    test = evaluate(run.model, run.splits.test, run.amp, tta=tta)
     r = {"run": str(args.run_dir), "epoch": run.epoch, "data": run.splits.images.name,
-         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
+         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+         **({"test_top1_tta": test["top1_tta"]} if tta else {})}
     _report(r, args.json, f"{args.run_dir} (epoch {r['epoch']}, {r['data']}): test loss "
                           f"{r['test_loss']:.4f}  top-1 {r['test_top1']:.4f}  "
-                          f"top-5 {r['test_top5']:.4f}")
+                          f"top-5 {r['test_top5']:.4f}"
+                          + (f"  with flips {r['test_top1_tta']:.4f}" if tta else ""))
     return 0
 
 
