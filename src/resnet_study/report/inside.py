@@ -39,8 +39,11 @@ def _inspected(run: Run, pictures: bool, log: Callable[[str], None]) -> list[dic
     stats = folder / "activations.csv"
     if not checkpoint.exists():
         return "no checkpoint"
-    if (not stats.exists() or stats.stat().st_mtime < checkpoint.stat().st_mtime
-            or pictures and not (folder / f"{PICTURES[0]}.png").exists()):
+
+    def fresh(path: Path) -> bool:  # written since the checkpoint
+        return path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime
+
+    if not fresh(stats) or pictures and not fresh(folder / f"{PICTURES[0]}.png"):
         log(f"report: inspecting {run.directory.parent.name}/{run.directory.name}")
         try:
             probes.inspect_run(run.directory, pictures=pictures)
