@@ -155,11 +155,11 @@ class DeviceLoader:
                 continue
             mine = slice(len(idx) * self.rank // self.world,
                          len(idx) * (self.rank + 1) // self.world)
-            batch = self._served(idx, draws, torch.arange(len(idx), device=self.device)[mine])
+            batch = self._served(idx, draws, mine)
             yield (batch, self._served(idx, draws, partner[mine])) if pairs else batch
 
     def _served(self, idx: torch.Tensor, draws: tuple | None,
-                at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                at: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels at positions `at` of the batch `idx`, cropped and flipped as
         the batch's draws say."""
         x = (self._crop_and_flip(idx[at], *(d[at] for d in draws)) if self.augment

@@ -156,11 +156,12 @@ class GraphStep:
         self.parts = parts
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.cfg, self.amp, self.log = parts.experiment.train, parts.amp, parts.log
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        owned = [(p, bool(g["weight_decay"])) for g in self.optimizer.param_groups
+                 for p in g["params"]]
+        self.params = [p for p, _ in owned]
         # Positions in `params` of those the optimiser decays (all, unless norms and biases
         # are left out).
-        self.decayed = [i for i, p in enumerate(self.params)
-                        if self._group(p)["weight_decay"]]
+        self.decayed = [i for i, (_, decays) in enumerate(owned) if decays]
         self.device = self.params[0].device
         self.table = schedule_table(self.cfg, parts.steps_per_epoch, self.device,
                                     self.params[0].dtype)
@@ -193,9 +194,6 @@ class GraphStep:
         if self.cfg.optimizer != "sgd":
             torch._foreach_add_([self.optimizer.state[p]["step"] for p in self.params], 1.0)
         return loss
-
-    def _group(self, param: torch.Tensor) -> dict:
-        return next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
 
     def _decay(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """The gradients with L2 weight decay added where the optimiser decays (torch.optim's
