@@ -117,6 +117,9 @@ def test_a_folder_holding_another_search_is_refused_with_the_difference(searched
                  "--test-subset", "48", *TINY]) == 2  # the default space, not the file's
     assert "holds another search (space." in capsys.readouterr().err
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
+                 "--epochs", "2", "--min-epochs", "2", "--test-subset", "48", *TINY]) == 2
+    assert "holds another search (min_epochs: 1, not 2)" in capsys.readouterr().err
+    assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
                  "--epochs", "2", "--test-subset", "48", *TINY, "--device", "cpu",
                  "--precision", "fp32"]) == 0  # execution settings are no difference
 
@@ -129,6 +132,8 @@ def test_a_folder_holding_another_search_is_refused_with_the_difference(searched
     (["--storage", "mysql://x"], "--storage takes postgresql://"),
     (["--test-split"], "a search never evaluates on the test split"),
     (["--trials", "0"], "--trials must be >= 1"),
+    (["--min-epochs", "0"], "--min-epochs must be from 1 to the trials' 25 epochs, not 0"),
+    (["--epochs", "2", "--min-epochs", "3"], "--min-epochs must be from 1 to the trials' 2"),
 ])
 def test_bad_search_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["search", "--out", str(tmp_path / "s"), *TINY, *args]) == 2
@@ -157,6 +162,32 @@ def test_a_bad_space_file_is_one_line_naming_the_knob(tmp_path, capsys, text, me
     assert main(["search", "--space", str(path), "--out", str(tmp_path / "s"), *TINY]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.startswith(f"resnet-study: error: {path}: "), err
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "median"])
+def test_no_trial_is_pruned_before_min_epochs(pruner):
+    """Trials that are the worst by far at every epoch: a pruner stops them, but never before
+    the epochs every trial is owed."""
+    import optuna
+
+    from resnet_study.search.trials import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, 9, 4),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    stopped = []
+
+    def objective(trial):
+        good = trial.number < 4  # the first ones set the bar
+        for epoch in range(1, 10):
+            trial.report((0.9 if good else 0.1) + epoch / 100, epoch)
+            if trial.should_prune():
+                stopped.append(epoch)
+                raise optuna.TrialPruned()
+        return 0.9 if good else 0.1
+
+    study.optimize(objective, n_trials=12)
+    assert stopped and min(stopped) >= 4, stopped
 
 
 def test_every_paper_row_but_the_pretrained_one_fits_the_default_space():

@@ -129,6 +129,9 @@ def _add_search(sub) -> None:
     p.add_argument("--study-name", help="the Optuna study's name (default: --out's name); the "
                    "same on every machine of one search")
     p.add_argument("--pruner", choices=["hyperband", "median", "none"], default="hyperband")
+    p.add_argument("--min-epochs", type=int, default=1,
+                   help="the epochs every trial trains before the pruner may stop it (more for "
+                        "regularisers, which lower early accuracy by design)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
     p.add_argument("--max-gflop-per-image", type=float,
                    help="never train a configuration costing more training GFLOP per image")
@@ -320,13 +323,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--max-gflop-per-image must be > 0")
     base = get_experiment(args.experiment).replace(
         **{"val_split": 5000, **overrides, "test_split": False})
+    if not 1 <= args.min_epochs <= base.train.epochs:
+        raise UsageError(f"--min-epochs must be from 1 to the trials' {base.train.epochs} "
+                         f"epochs, not {args.min_epochs}")
     fixed = {k: v for k, v in overrides.items()
              if SECTION_OF[k] in RECIPE_SECTIONS and k not in FIDELITY | EXECUTION_FIELDS}
     space = load_space(args.space, base).without(fixed)
     search = Search(out=args.out, base=base, space=space, fixed=fixed, trials=args.trials,
                     timeout=args.timeout, max_gflop=args.max_gflop_per_image,
-                    pruner=args.pruner, sampler=args.sampler, storage=args.storage,
-                    name=args.study_name or args.out.resolve().name)
+                    pruner=args.pruner, min_epochs=args.min_epochs, sampler=args.sampler,
+                    storage=args.storage, name=args.study_name or args.out.resolve().name)
     print(json.dumps(run_search(search, args.workers, args.quiet)))
     return 0
 

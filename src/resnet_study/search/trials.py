@@ -55,6 +55,7 @@ class Search:
     timeout: float | None = None  # seconds after which no new trial starts
     max_gflop: float | None = None  # training GFLOP per image
     pruner: str = "hyperband"
+    min_epochs: int = 1  # the epochs every trial trains before the pruner may stop it
     sampler: str = "tpe"
     storage: str | None = None  # None: the journal file in `out`
     name: str = "search"  # the Optuna study's name
@@ -66,7 +67,7 @@ class Search:
             "experiment": self.base.name, "recipe": recipe, "space": self.space.to_dict(),
             "objective": OBJECTIVE, "val_split": self.base.data.val_split,
             "data": self.base.data.data, "max_gflop_per_image": self.max_gflop,
-            "pruner": self.pruner, "sampler": self.sampler}))
+            "pruner": self.pruner, "min_epochs": self.min_epochs, "sampler": self.sampler}))
 
     def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> Path:
         return self.out / trial.user_attrs.get("run", f"trials/trial-{trial.number:04d}")
@@ -101,12 +102,14 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True)
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+def make_pruner(name: str, epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
+    """A regulariser (mixup, an EMA, dropout) lowers the first epochs' validation accuracy by
+    design: a search of them needs a `min_epochs` that lets them show what they do."""
+    if name == "median":  # it may stop a trial from the step its warm-up ends on
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min_epochs)
     if name == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
+    return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs,
                                           reduction_factor=3)
 
 
@@ -118,7 +121,8 @@ def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
         study = optuna.create_study(
             study_name=search.name, storage=storage.optuna, direction="maximize",
             sampler=make_sampler(search.sampler),
-            pruner=make_pruner(search.pruner, search.base.train.epochs), load_if_exists=True)
+            pruner=make_pruner(search.pruner, search.base.train.epochs, search.min_epochs),
+            load_if_exists=True)
         stored = study.user_attrs.get("definition")
         if stored is None:
             study.set_user_attr("definition", search.definition())
