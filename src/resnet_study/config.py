@@ -395,9 +395,14 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _load_experiments() -> dict[str, Experiment]:
+    """The presets. An entry may build on an earlier one (`extends`) as in the user's files, so
+    that an ablation row reads as the one setting it takes away."""
     text = resources.files(__package__).joinpath("experiments.toml").read_text()
-    return {name: Experiment.from_dict({"name": name, **spec})
-            for name, spec in tomllib.loads(text).items()}
+    specs = tomllib.loads(text)
+    for spec in specs.values():
+        parent = specs[spec["extends"]] if "extends" in spec else {}  # a typo fails loudly
+        spec.update({s: {**parent.get(s, {}), **spec.get(s, {})} for s in RECIPE_SECTIONS})
+    return {name: Experiment.from_dict({"name": name, **spec}) for name, spec in specs.items()}
 
 
 EXPERIMENTS: dict[str, Experiment] = _load_experiments()
