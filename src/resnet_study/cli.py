@@ -85,8 +85,10 @@ def _add_study(sub) -> None:
     p.add_argument("--all", action="store_true", help="the paper's twelve experiments")
     p.add_argument("--group", action="append", default=[],
                    help="add a group of experiments (literature: WRN-16-8 and ResNet-110, "
-                        "each with its published recipe and with the paper's; own: the "
-                        "entries of --experiments files that name no group)")
+                        "each with its published recipe and with the paper's; improved: this "
+                        "study's improved ResNet-18s; improved-ablation: the base-cost one with "
+                        "one part taken away at a time; own: the entries of --experiments "
+                        "files that name no group)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per experiment")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study directory")
     p.add_argument("--quick", action="store_true",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import PAPER, Experiment
+from .config import EXPERIMENTS, PAPER, Experiment
 
 PROTOCOL_NOTES = {
     "quick": "QUICK profile: few epochs on a subset. A smoke test of the pipeline, not the "
@@ -46,10 +46,15 @@ def protocol_notes(profiles: Iterable[str]) -> list[str]:
 
 def settings_cell(experiment: str, extends: str, settings: str) -> str:
     """Table 1's Settings cell. An experiment run as its preset says is named by what that
-    preset is rather than "paper": a literature experiment by the recipe it re-measures, a user's
-    own by the experiment it extends."""
+    preset is rather than "paper": a literature experiment by the recipe it re-measures, one of
+    this study's presets (the improved ResNet-18 and its ablation) as such, a user's own by the
+    experiment it extends."""
     if settings != "paper":
         return settings
     if experiment in LITERATURE:
         return LITERATURE[experiment][1]
+    if experiment in EXPERIMENTS:
+        if EXPERIMENTS[experiment].group == "paper":
+            return settings
+        return "this study's preset" + (f", extends {extends}" if extends else "")
     return f"own, extends {extends}" if extends else settings

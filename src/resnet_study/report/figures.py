@@ -9,6 +9,7 @@ from typing import NamedTuple
 import matplotlib.ticker
 import numpy as np
 
+from ..config import GROUPS
 from ..data.loader import PAD, DeviceLoader, normalization
 from ..data.sources import ImageSet
 from ..labels import title_mark
@@ -48,6 +49,14 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
                                   "model and the New Wide ResNet-18",
                                   [*REFERENCES, "wrn-16-8", "resnet-110"],
                                   ("wrn-16-8", "resnet-110")),
+    "improved": Panel("The improved ResNet-18", "This study's presets, against the base model, "
+                      "Adam and the New Wide ResNet-18",
+                      [*GROUPS["improved"], "resnet18-lr0.01", "resnet18-adam", *REFERENCES[1:]],
+                      tuple(GROUPS["improved"])),
+    "improved-ablation": Panel("What each part contributes", "The improved ResNet-18 with one "
+                               "part taken away at a time",
+                               [GROUPS["improved"][0], *GROUPS["improved-ablation"]],
+                               tuple(GROUPS["improved-ablation"])),
 }
 
 
