@@ -153,8 +153,9 @@ def _page(search: Search, rows: list[dict], best, figures: list[Figure], notes: 
              f"<p>Objective: {e(OBJECTIVE)}, on {d.val_split:,} images held out of the training "
              f"set of <b>{e(images.name)}</b>; {search.base.train.epochs} epochs on "
              f"{f'{d.subset:,}' if d.subset else 'all the remaining'} training images per trial. "
-             f"Sampler {e(search.sampler)}, pruner {e(search.pruner)} (from epoch "
-             f"{search.min_epochs}); searched experiment "
+             f"Sampler {e(search.sampler)}, pruner {e(search.pruner)}"
+             + (f" (from epoch {search.min_epochs})" if search.pruner != "none" else "")
+             + f"; searched experiment "
              f"{e(search.base.name)}"
              + (f"; at most {search.max_gflop:g} training GFLOP per image" if search.max_gflop
                 else "") + ".</p>",
