@@ -53,8 +53,7 @@ def settings_cell(experiment: str, extends: str, settings: str) -> str:
         return settings
     if experiment in LITERATURE:
         return LITERATURE[experiment][1]
-    if experiment in EXPERIMENTS:
-        if EXPERIMENTS[experiment].group == "paper":
-            return settings
+    preset = EXPERIMENTS.get(experiment)
+    if preset is not None and preset.group != "paper":
         return "this study's preset" + (f", extends {extends}" if extends else "")
     return f"own, extends {extends}" if extends else settings

@@ -51,7 +51,8 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
                                   ("wrn-16-8", "resnet-110")),
     "improved": Panel("The improved ResNet-18", "This study's presets, against the base model, "
                       "Adam and the New Wide ResNet-18",
-                      [*GROUPS["improved"], "resnet18-lr0.01", "resnet18-adam", *REFERENCES[1:]],
+                      [*GROUPS["improved"], "resnet18-lr0.01", "resnet18-adam",
+                       "new-wide-resnet18"],
                       tuple(GROUPS["improved"])),
     "improved-ablation": Panel("What each part contributes", "The improved ResNet-18 with one "
                                "part taken away at a time",
