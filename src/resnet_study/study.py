@@ -11,11 +11,14 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from .config import (
     RECIPE_SECTIONS,
     Experiment,
+    Interrupted,
     UsageError,
     differences,
     get_experiment,
@@ -35,7 +39,8 @@ from .files import FolderHeld, hold
 from .models import network, training_flops
 from .training.assembly import assemble
 from .training.checkpoint import read_summary
-from .training.device import resolve_device
+from .training.device import resolve_device, share_cores
+from .training.epoch import StopSignal
 from .training.record import RunRecord
 from .training.train import train
 
@@ -216,15 +221,37 @@ def _epochs_done(run: Run) -> int:
 
 _worker_device: str | None = None
 _worker_epochs: mp.Queue | None = None
+_worker_stop: EventType | None = None
 
 
-def _init_worker(devices: mp.Queue, epochs: mp.Queue) -> None:
-    global _worker_device, _worker_epochs
-    _worker_device, _worker_epochs = devices.get(), epochs
+def _init_worker(devices: mp.Queue, epochs: mp.Queue, stop: EventType, workers: int) -> None:
+    """A worker takes a device and its share of the cores. It leaves the terminal's process
+    group, so that a Ctrl-C reaches the study alone, which passes it on once; and should the
+    study die without passing anything on (SIGKILL), the worker stops its run as if by
+    SIGTERM."""
+    global _worker_device, _worker_epochs, _worker_stop
+    _worker_device, _worker_epochs, _worker_stop = devices.get(), epochs, stop
+    share_cores(workers)
+    os.setpgrp()
+    threading.Thread(target=_stop_when_orphaned, daemon=True).start()
 
 
-def _execute_on_worker_device(run: Run) -> dict:
-    return execute(run, _worker_device, lambda run, row: _worker_epochs.put((run, row)))
+def _stop_when_orphaned() -> None:
+    """SIGTERM stops the worker's run with a checkpoint, after which the worker exits, having no
+    one to report to (an idle worker it just ends)."""
+    mp.parent_process().join()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _execute_on_worker_device(run: Run) -> dict | None:
+    """The run's summary; None for a run the study handed out before it was stopped."""
+    if _worker_stop.is_set():
+        return None
+    try:
+        return execute(run, _worker_device, lambda run, row: _worker_epochs.put((run, row)))
+    finally:
+        if not mp.parent_process().is_alive():
+            os._exit(1)
 
 
 def runs_that_fit(free_bytes: int, run_bytes: int) -> int:
@@ -352,13 +379,22 @@ class _Progress:
 
 
 def _run_in_workers(todo: list[Run], devices: list[str], news: _Progress) -> None:
-    """Each run in a worker process holding one of `devices`, as many at once as there are."""
+    """Each run in a worker process holding one of `devices`, as many at once as there are.
+    SIGTERM or SIGINT is passed on to the workers, whose runs write checkpoints and stop; the
+    runs not yet started are left for the next invocation, and the study raises Interrupted."""
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
-    queue, epochs = ctx.Queue(), ctx.Queue()
+    queue, epochs, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     for d in devices:
         queue.put(d)
-    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, epochs)) as pool:
+
+    def pass_on(signum: int) -> None:
+        stop.set()
+        for worker in mp.active_children():
+            os.kill(worker.pid, signum)
+
+    with (StopSignal(pass_on) as signals,
+          ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
+                              initargs=(queue, epochs, stop, len(devices))) as pool):
         pending: dict[Future, Run] = {pool.submit(_execute_on_worker_device, r): r for r in todo}
         while pending:
             finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
@@ -366,11 +402,22 @@ def _run_in_workers(todo: list[Run], devices: list[str], news: _Progress) -> Non
                 news.first_epoch(*epochs.get())
             for f in finished:
                 run = pending.pop(f)
-                try:
-                    summary = f.result()
-                except Exception as e:  # the worker itself died (e.g. killed for memory)
-                    summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                news.finished(run, summary)
+                summary = _worker_summary(f, stopped=signals.signal_name is not None)
+                if summary is not None:
+                    news.finished(run, summary)
+    if signals.signal_name is not None:
+        raise Interrupted(f"stopped by {signals.signal_name}; the runs in progress wrote "
+                          "checkpoints")
+
+
+def _worker_summary(f: Future, stopped: bool) -> dict | None:
+    """The run's summary; None for a run that the study's stop ended (its worker said so)."""
+    try:
+        return f.result()
+    except Interrupted:  # the study's signal, passed on
+        return None
+    except Exception as e:  # the worker itself died: killed for memory, or stopped between runs
+        return None if stopped else {"status": "failed", "error": f"{type(e).__name__}: {e}"}
 
 
 def _duration(seconds: float) -> str:

@@ -8,19 +8,18 @@ those asked for, and an ETA) and one line per finished trial, whoever ran it.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import threading
 import time
 
 import optuna
-import torch
 from optuna.trial import TrialState
 from tqdm import tqdm
 
 from ..config import UsageError
 from ..data.splits import check_sizes
 from ..data.store import load_images
+from ..training.device import share_cores
 from .outputs import write_outputs
 from .storage import open_storage
 from .trials import Search, counted, open_study, outcome, work
@@ -54,8 +53,7 @@ def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
 
 def _spawn(search: Search, workers: int, deadline: float | None) -> None:
     ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker, args=(search, deadline, threads)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(search, deadline, workers)) for _ in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
@@ -66,8 +64,8 @@ def _spawn(search: Search, workers: int, deadline: float | None) -> None:
                          f"(exit {failed[0]}, above); rerun the same command to go on")
 
 
-def _worker(search: Search, deadline: float | None, threads: int) -> None:
-    torch.set_num_threads(threads)
+def _worker(search: Search, deadline: float | None, workers: int) -> None:
+    share_cores(workers)
     try:
         work(search, deadline)
     except UsageError as e:  # as the command line says it: one line, exit 2

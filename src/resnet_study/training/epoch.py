@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,10 +65,12 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp: torch.dtype | None,
 
 class StopSignal:
     """Turns SIGTERM and SIGINT into a request the training loop honours after its current
-    step; a second signal stops at once (KeyboardInterrupt)."""
+    step; a second signal stops at once (KeyboardInterrupt). `on_signal`, if given, hears each
+    signal first (a study passes it on to its workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.signal_name: str | None = None
+        self._on_signal = on_signal
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -77,6 +80,8 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if self._on_signal is not None:
+            self._on_signal(signum)
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
