@@ -130,6 +130,9 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
     assert without_timings(read_metrics(tmp_path / "cut")) == without_timings(
         read_metrics(tmp_path / "full"))
     assert resumed["test_top1"] == full["test_top1"]
+    assert resumed["test_top1_tta"] == full["test_top1_tta"]
+    assert [bool(r["test_top1_tta"]) for r in read_metrics(tmp_path / "full")] == [
+        False, False, True]  # flips are tested after the last epoch alone
     assert resumed["precision"] == full["precision"] == auto_precision
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]

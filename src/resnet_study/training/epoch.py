@@ -189,10 +189,13 @@ def _evaluated(parts: Assembly, epoch: int, train_loss: float, seen: int, start:
     splits = parts.splits
     row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
     measured = {}  # each split's evaluation; their .item() calls sync the device
-    tta = parts.experiment.train.tta
+    # Flips are tested once, after the last epoch: every epoch they would add a forward pass
+    # of the test split (7% of a base run's time) for a figure only the summary reports.
+    tta = parts.experiment.train.tta and epoch + 1 == parts.experiment.train.epochs
     for name, loader in (("test", splits.test), ("val", splits.val)):
         if loader is not None:
-            measured[name] = evaluate(parts.evaluated, loader, parts.amp, tta=tta)
+            measured[name] = evaluate(parts.evaluated, loader, parts.amp,
+                                      tta=tta and name == "test")
     if "test" in measured:
         row.update({f"test_{k}": measured["test"][k] for k in ("loss", "top1", "top5")})
         row.update({"test_top1_tta": measured["test"]["top1_tta"]} if tta else {})
