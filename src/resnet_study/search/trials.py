@@ -256,6 +256,7 @@ def work(search: Search, deadline: float | None = None) -> None:
     classes = len(load_images(search.base.data.data, progress=False).classes)
     study = open_study(search, storage, classes)
     over_budget = 0  # draws in a row that cost too much: a space that cannot be searched
+    ran: list[optuna.trial.FrozenTrial] = []  # this worker's last trial (not another worker's)
     while deadline is None or time.time() < deadline:
         with storage.claim() as claim:
             storage.retry_dead_trials(study, search.run_folder)
@@ -264,14 +265,14 @@ def work(search: Search, deadline: float | None = None) -> None:
                     and not any(t.state == TrialState.WAITING for t in trials))
             if not full:
                 study.optimize(Objective(search, claim, classes), n_trials=1,
-                               catch=(NotTrained,), gc_after_trial=False)
+                               catch=(NotTrained,), gc_after_trial=False,
+                               callbacks=[lambda _, trial: ran.append(trial)])
         if full:  # until the running trials end: one may be dead, and its retry left to take
             if not any(t.state == TrialState.RUNNING for t in trials):
                 return
             time.sleep(WAIT_SECONDS)
             continue
-        last = study.get_trials(deepcopy=False)[-1]
-        over_budget = over_budget + 1 if outcome(last).startswith("over budget") else 0
+        over_budget = over_budget + 1 if outcome(ran[-1]).startswith("over budget") else 0
         if over_budget >= MAX_OVER_BUDGET:
             raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
                              f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take the "
