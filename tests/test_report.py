@@ -13,6 +13,7 @@ from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
 from resnet_study.cli import main
 from resnet_study.config import PAPER
+from resnet_study.files import write_csv
 from resnet_study.labels import PROTOCOL_NOTES
 from resnet_study.report.figures import curves_figure
 from resnet_study.report.runs import scan
@@ -224,8 +225,12 @@ def test_flips_at_test_time_get_a_column_of_their_own(studies, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("inspect", "report"))
     for seed, tta in ((0, 0.25), (1, 0.5)):
-        path = study / "resnet18-adam" / f"seed-{seed}" / "summary.json"
+        run = study / "resnet18-adam" / f"seed-{seed}"
+        path = run / "summary.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "test_top1_tta": tta}))
+        rows = read_csv(run / "metrics.csv")  # as training writes it: the last epoch's alone
+        write_csv(run / "metrics.csv", [{**r, "test_top1_tta": ""} for r in rows[:-1]]
+                  + [{**rows[-1], "test_top1_tta": tta}], [*rows[0], "test_top1_tta"])
     report(study, inspect=False)
     md = (study / "report" / "table1.md").read_text().splitlines()
     head = md[2].split(" | ")

@@ -128,8 +128,8 @@ def _read_metrics(path: Path) -> dict[str, np.ndarray]:
     missing = [c for c in ("epoch", *CURVES) if c not in rows[0]]
     if missing:
         raise Unreadable(f"metrics.csv has no {', '.join(missing)} column")
-    try:
-        return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+    try:  # the columns the report draws; others may be empty (test_top1_tta before the last)
+        return {k: np.array([float(r[k]) for r in rows]) for k in ("epoch", *CURVES)}
     except (TypeError, ValueError):
         raise Unreadable("metrics.csv has a row with missing or non-numeric values; "
                          "truncated?") from None
