@@ -190,7 +190,7 @@ def _evaluated(parts: Assembly, epoch: int, train_loss: float, seen: int, start:
     row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
     measured = {}  # each split's evaluation; their .item() calls sync the device
     # Flips are tested once, after the last epoch: every epoch they would add a forward pass
-    # of the test split (7% of a base run's time) for a figure only the summary reports.
+    # of the test split (3-4% of a run's time on this CPU) for a figure only the summary reports.
     tta = parts.experiment.train.tta and epoch + 1 == parts.experiment.train.epochs
     for name, loader in (("test", splits.test), ("val", splits.val)):
         if loader is not None:
