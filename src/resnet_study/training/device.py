@@ -111,11 +111,11 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-
 def share_cores(processes: int) -> None:
     """This process's share of the machine's cores, as PyTorch threads, when `processes` train
     at once: each with a thread per core, two CPU workers ran at a fifth of their speed."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+
 
 # --- several processes (torchrun) ---------------------------------------------------------
 
