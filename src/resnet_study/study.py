@@ -417,7 +417,7 @@ def _worker_summary(f: Future, stopped: bool) -> dict | None:
     except Interrupted:  # the study's signal, passed on
         return None
     except Exception as e:  # the worker itself died: killed for memory, or stopped between runs
-        return None if stopped else {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return None if stopped else {"status": "failed", "error": one_line(e)}
 
 
 def _duration(seconds: float) -> str:
