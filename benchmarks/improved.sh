@@ -12,8 +12,8 @@
 #   ablation:  the improved preset and its ablation group, a quick study (3 epochs, 1,000
 #              images), its statistics against the improved preset.
 # On this project's 2-core CPUs the first study alone takes about 1.3 h with bf16 (AMX; about
-# 2.5 h in fp32) and the second, by its first epochs, about 50 min; one H100 does all three in
-# minutes. STUDIES=ablation runs just that one.
+# 2.5 h in fp32) and the second about 50 min with bf16 (2 h 40 min in fp32); one H100 does all
+# three in minutes. STUDIES=ablation runs just that one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
