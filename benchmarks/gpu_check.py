@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from resnet_study.config import EXPERIMENTS, GROUPS, PAPER
+from resnet_study.catalogue import PRESETS
+from resnet_study.config import PAPER
 from resnet_study.models import ResNet18, count_params
 from resnet_study.training import step as steplib
 from resnet_study.training import train as trainlib
 from resnet_study.training.assembly import assemble
+
+EXPERIMENTS, GROUPS = PRESETS.experiments, PRESETS.groups()
 
 TRAIN_IMAGES = 50_000  # CIFAR's training set, and the stand-in's
 

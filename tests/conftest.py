@@ -44,8 +44,8 @@ def pytest_runtest_makereport(item, call):
 # The files that take longest, longest first (measured 2026-12-03): `make test` hands whole
 # files to its two workers in collection order (--no-loadscope-reorder), so these start first
 # and the short ones fill in around them, rather than one long file running alone at the end.
-LONGEST_FIRST = ["test_gpu_check.py", "test_faults.py", "test_report.py", "test_train.py",
-                 "test_search_workers.py"]
+LONGEST_FIRST = ["test_gpu_check.py", "test_faults.py", "test_report.py", "test_search_stops.py",
+                 "test_train.py", "test_search_workers.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -234,3 +235,38 @@ def check_search(out: Path, asked: int, epochs: int) -> list[dict]:
         else:
             assert summary["status"] == "stopped" and summary["epochs"] < epochs
     return rows
+
+
+def presets(names: list[str]) -> list:
+    """The presets named, as a study plans them."""
+    from resnet_study.catalogue import PRESETS
+
+    return [PRESETS.get(name) for name in names]
+
+
+# A search of a few tiny trials, as a command line: workers and stops run it as a process.
+SEARCH_SPACE = """
+[lr]
+low = 0.005
+high = 0.05
+log = true
+
+[optimizer]
+choices = ["sgd", "adam"]
+
+[nesterov]
+choices = [false, true]
+when = { optimizer = "sgd" }
+"""
+SEARCH_TINY = ["--data", "synthetic", "--subset", "64", "--val-split", "32", "--batch-size",
+               "32", "--device", "cpu", "--quiet"]
+
+
+def search_command(out: Path, space: Path, *extra: str, epochs: int = 2) -> list[str]:
+    return [str(Path(sys.executable).with_name("resnet-study")), "search", "--space", str(space),
+            "--out", str(out), "--epochs", str(epochs), "--pruner", "none", *SEARCH_TINY,
+            *extra]
+
+
+def quiet_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,12 +1,17 @@
 """Bad input of every kind: one line on stderr, a non-zero exit, no traceback, nothing lost."""
 
+import contextlib
+import csv
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
 import shutil
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from PIL import Image
 
 from resnet_study import ModelConfig, UsageError
 from resnet_study.cli import main
+from resnet_study.files import write_csv
 from resnet_study.models import ResNet18, load_pretrained
 
 from .helpers import (
@@ -116,6 +122,55 @@ def mismatched_run(tmp: Path) -> list[str]:
     return ["evaluate", str(tmp / "mixed")]
 
 
+def fifo(tmp: Path) -> str:
+    """A FIFO no one writes to: opening it to read blocks until a writer comes. Should the
+    command open it, a writer comes after 5 s, so that the case fails on its exit instead of
+    hanging the tests."""
+    path = tmp / "pipe.toml"
+    os.mkfifo(path)
+
+    def writer() -> None:
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits on it, as it should be
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(5, writer)
+    timer.daemon = True
+    timer.start()
+    return str(path)
+
+
+def oversized(tmp: Path) -> str:
+    """2 MiB of valid TOML: a comment, so that only the size is at fault."""
+    path = tmp / "big.toml"
+    path.write_text("#" * 2**21 + "\n")
+    return str(path)
+
+
+def latin1(tmp: Path) -> str:
+    path = tmp / "latin1.toml"
+    path.write_bytes('[mine]\nextends = "resnet18-lr0.01"\nnotes = "caf\u00e9"\n'.encode("latin-1"))
+    return str(path)
+
+
+SEARCH = ["search", "--trials", "1", "--data", "synthetic"]
+# the files a user hands the tool: refused on sight, exit 2 (a FIFO without blocking)
+FILES = {
+    "experiments file is a device": (lambda t: ["experiments", "--experiments", "/dev/zero"],
+                                     "/dev/zero: a character device, not a regular file"),
+    "experiments file is a FIFO": (lambda t: ["experiments", "--experiments", fifo(t)],
+                                   "pipe.toml: a FIFO, not a regular file"),
+    "experiments file is a directory": (lambda t: ["experiments", "--experiments", str(t)],
+                                        "a directory, not a regular file"),
+    "experiments file over 1 MiB": (lambda t: ["experiments", "--experiments", oversized(t)],
+                                    "big.toml: larger than 1 MiB"),
+    "experiments file not UTF-8": (lambda t: ["experiments", "--experiments", latin1(t)],
+                                   "latin1.toml: not a TOML file (not UTF-8 text)"),
+    "space file is a FIFO": (lambda t: [*SEARCH, "--out", str(t / "s"), "--space", fifo(t)],
+                             "pipe.toml: a FIFO, not a regular file"),
+    "space file over 1 MiB": (lambda t: [*SEARCH, "--out", str(t / "s"), "--space",
+                                         oversized(t)], "big.toml: larger than 1 MiB"),
+}
+
 CASES = {
     # data
     "missing data path": (lambda t: [*TRAIN, "--data", str(t / "nowhere")], "does not exist"),
@@ -183,6 +238,7 @@ CASES = {
     "precision switch neither 0 nor 1": (lambda t: [*TRAIN, "--data", "synthetic", "--out",
                                                     str(t / "s")], "RESNET_STUDY_CPU_BF16 must be",
                                          {"RESNET_STUDY_CPU_BF16": "yes"}),
+    **FILES,
 }
 
 
@@ -206,10 +262,13 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_pa
     for key, value in (env[0] if env else {}).items():
         monkeypatch.setenv(key, value)
     capsys.readouterr()
+    start = time.monotonic()
     try:
         code = main(argv(tmp_path))
     except SystemExit as e:  # argparse's own refusals
         code = e.code
+    if case in FILES:
+        assert code == 2 and time.monotonic() - start < 5
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code != 0
@@ -231,3 +290,35 @@ def test_a_weights_file_carrying_code_is_refused_not_run(tmp_path):
     with pytest.raises(UsageError, match="not a loadable state dict"):
         load_pretrained(ResNet18(ModelConfig()), str(path))
     assert not marker.exists()
+
+
+BOM = "\ufeff"  # what a Windows editor puts before UTF-8 text
+
+
+def test_an_experiments_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    path = tmp_path / "bom.toml"
+    path.write_text(BOM + '["resnet18-bom"]\r\nextends = "resnet18-lr0.01"\r\n')
+    assert main(["experiments", "--json", "--experiments", str(path)]) == 0
+    assert "resnet18-bom" in [row["name"] for row in json.loads(capsys.readouterr().out)]
+
+
+def test_a_space_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    """Read past its mark up to its one fault, the last knob: without the mark's handling the
+    fault would be TOML's, at line 1."""
+    path = tmp_path / "space.toml"
+    path.write_text(BOM + "[lr]\r\nlow = 0.01\r\nhigh = 0.1\r\n[lrr]\r\nchoices = [1]\r\n")
+    assert main([*SEARCH, "--out", str(tmp_path / "s"), "--space", str(path)]) == 2
+    assert "space.toml: [lrr]: unknown setting" in capsys.readouterr().err
+
+
+def test_no_csv_cell_is_a_formula_and_numbers_stay_numbers(tmp_path):
+    """OWASP's CSV injection: a cell starting with = + - @ tab or CR runs in a spreadsheet."""
+    formulas = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "-inf"]
+    numbers = [-0.93, -3, 1e-05, "-0.93", "+1.5e-3", "-.5", "12", "3.", "-7E+2"]
+    plain = ["resnet18-lr0.01", "", "a=b", "x-1", None]
+    write_csv(tmp_path / "t.csv", [dict(enumerate(formulas + numbers + plain))],
+              list(range(len(formulas + numbers + plain))))
+    with open(tmp_path / "t.csv", newline="") as f:
+        row = list(csv.reader(f))[1]
+    assert row == ["'" + c for c in formulas] + [str(c) for c in numbers] + [
+        "resnet18-lr0.01", "", "a=b", "x-1", ""]

@@ -56,3 +56,22 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert f"cpu, {auto_precision}," in result.stderr  # the runs trained in that precision
     summary = (double / "summary.json").read_text()
     assert '"processes": 2' in summary
+
+
+@pytest.mark.slow
+def test_a_held_run_folder_stops_every_rank_at_once_with_one_line(tmp_path):
+    """Issue 30: when rank 0 was refused the folder's lock, the other ranks waited in the
+    process group until its timeout (minutes). Every rank now learns at once, and says rank
+    0's line."""
+    from resnet_study.training.run_folder import RunFolder
+
+    out = tmp_path / "held"
+    with RunFolder(out).hold():
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "resnet_study", "train", *COMMON, "--out", str(out)],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0  # torchrun adds its own report of the failed ranks
+    refusals = [line for line in result.stderr.splitlines() if "is in use by PID" in line]
+    assert len(refusals) == 2 and len(set(refusals)) == 1, result.stderr[-3000:]
+    assert not (out / "config.json").exists()

@@ -24,7 +24,7 @@ from resnet_study.report.escape import markdown_escape, tex_escape
 from resnet_study.report.writer import report
 from resnet_study.study import plan, run_study
 
-from .helpers import write_class_folders
+from .helpers import presets, write_class_folders
 
 HOSTILE = [r"$\frac{a}$", "<script>alert(1)</script>", r"\input{/etc/passwd} & # $ % _ ^ ~ { }",
            "| pipe *star* [link](x)"]
@@ -43,8 +43,8 @@ def study(tmp_path_factory):
     data = root / "data $x$ & <u>"
     write_class_folders(data, {name: (20, 4) for name in CLASSES})
     study = root / "study"
-    runs = plan([BASE], 1, study, {"data": str(data), "batch_size": 32, "eval_batch_size": 64,
-                                   "epochs": 1}, quick=False)
+    runs = plan(presets([BASE]), 1, study, {"data": str(data), "batch_size": 32,
+                                            "eval_batch_size": 64, "epochs": 1}, quick=False)
     run_study(runs, log=lambda msg: None)
     base = study / BASE / "seed-0"
     d = json.loads((base / "config.json").read_text())

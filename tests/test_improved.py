@@ -3,9 +3,12 @@ takes one part of the base-cost one away at a time."""
 
 import pytest
 
-from resnet_study.config import EXPERIMENTS, GROUPS, RECIPE_SECTIONS, differences
+from resnet_study.catalogue import PRESETS
+from resnet_study.config import RECIPE_SECTIONS, differences
 from resnet_study.labels import settings_cell
 from resnet_study.models import training_flops
+
+EXPERIMENTS, GROUPS = PRESETS.experiments, PRESETS.groups()
 
 BASE, IMPROVED = EXPERIMENTS["resnet18-lr0.01"], EXPERIMENTS["improved-resnet18"]
 EVALUATION_ONLY = {"tta"}  # changes no training: Table 1 gives it a column, not a row

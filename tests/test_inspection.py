@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.config import EXPERIMENTS
 from resnet_study.inspection.probes import BlockStats, cam_layer, first_per_class, watch_blocks
 from resnet_study.models import BasicBlock, network
 from resnet_study.training.checkpoint import save_checkpoint
+
+EXPERIMENTS = PRESETS.experiments
 
 # One preset per distinct architecture: the paper's rows and the literature's networks.
 ARCHITECTURES = ["resnet18-lr0.01", "resnet18-wide", "resnet18-3x3-shortcut", "resnet18-preact",

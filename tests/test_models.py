@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from resnet_study import EXPERIMENTS, ModelConfig, UsageError, build_model, count_params
-from resnet_study.config import GROUPS
+from resnet_study.catalogue import PRESETS
 from resnet_study.models import (
     Conv2d,
     ResNet18,
@@ -19,6 +19,8 @@ from resnet_study.models import (
 )
 
 from .helpers import LITERATURE_PARAMS, PAPER_PARAMS
+
+GROUPS = PRESETS.groups()
 
 
 def test_every_paper_row_is_an_experiment():

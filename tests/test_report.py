@@ -1,9 +1,11 @@
 import csv
+import dataclasses
 import html
 import json
 import re
 import shutil
 import subprocess
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from scipy import stats
 
 from resnet_study import EXPERIMENTS as PRESETS
 from resnet_study import UsageError
+from resnet_study.catalogue import Catalogue
 from resnet_study.cli import main
 from resnet_study.config import PAPER
 from resnet_study.files import write_csv
@@ -20,7 +23,7 @@ from resnet_study.report.runs import scan
 from resnet_study.report.writer import report
 from resnet_study.study import plan, run_study
 
-from .helpers import DAMAGES, batch, damage, write_cifar100
+from .helpers import DAMAGES, batch, damage, presets, write_cifar100
 
 EXPERIMENTS = ["resnet18-lr0.01", "resnet18-adam", "resnet18-no-bn"]
 SETTINGS = dict(batch_size=64, eval_batch_size=200, epochs=2)
@@ -44,7 +47,7 @@ def studies(tmp_path_factory):
     for quick in (False, True):
         study = root / ("quick" if quick else "paper")
         names = EXPERIMENTS[:1] if quick else EXPERIMENTS
-        runs = plan(names, 2, study, {**SETTINGS, "data": data}, quick=quick)
+        runs = plan(presets(names), 2, study, {**SETTINGS, "data": data}, quick=quick)
         run_study(runs, log=lambda msg: None)
         report(study)
         out[quick] = study
@@ -184,8 +187,13 @@ def test_a_preset_edited_after_its_runs_never_relabels_them(studies, tmp_path, m
     study = tmp_path / "copy"
     shutil.copytree(studies[False], study, ignore=shutil.ignore_patterns("report"))
     name = EXPERIMENTS[0]
-    monkeypatch.setitem(PRESETS, name, PRESETS[name].replace(epochs=2, batch_size=64))
-    assert PRESETS[name].replace(epochs=2, batch_size=64).profile == "paper"
+    edited = PRESETS[name].replace(epochs=2, batch_size=64)
+    edited = dataclasses.replace(edited, origin=dataclasses.replace(edited, origin=None))
+    assert edited.profile == "paper"
+    catalogue = Catalogue(MappingProxyType({**PRESETS, name: edited}))
+    for module in ("catalogue", "labels", "training.run_folder", "report.runs",
+                   "report.writer", "report.figures"):
+        monkeypatch.setattr(f"resnet_study.{module}.PRESETS", catalogue)
     report(study, inspect=False)
     rows = {r["experiment"]: r for r in read_csv(study / "report" / "table1.csv")}
     assert rows[name]["profile"] == "custom"
@@ -343,7 +351,7 @@ def test_a_study_whose_runs_all_failed_gets_a_page_naming_the_failures(tmp_path,
     monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")  # offline
     study = tmp_path / "s"
-    runs = plan(["resnet18-pretrained"], 2, study, {**SETTINGS, "data": "synthetic",
+    runs = plan(presets(["resnet18-pretrained"]), 2, study, {**SETTINGS, "data": "synthetic",
                                                     "subset": 128}, quick=False)
     assert len(run_study(runs, log=lambda msg: None)["failed"]) == 2
     capsys.readouterr()

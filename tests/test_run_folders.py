@@ -19,6 +19,8 @@ from resnet_study.files import hold
 from resnet_study.study import plan, run_study
 from resnet_study.training.train import EXIT_DIVERGED
 
+from .helpers import presets
+
 TINY = ["--data", "synthetic", "--subset", "64", "--test-subset", "32", "--batch-size", "32",
         "--epochs", "1", "--device", "cpu", "--quiet"]
 
@@ -50,7 +52,7 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
 
 
 def test_a_study_leaves_held_runs_to_their_holder_then_trains_them(tmp_path):
-    runs = plan(["resnet18-lr0.01"], 2, tmp_path / "s",
+    runs = plan(presets(["resnet18-lr0.01"]), 2, tmp_path / "s",
                 {"data": "synthetic", "subset": 64, "test_subset": 32, "batch_size": 32,
                  "epochs": 1, "device": "cpu"}, quick=False)
     lines = []
@@ -153,7 +155,7 @@ def test_a_full_disk_during_report_is_one_line_and_leaves_each_file_whole(tmp_pa
     """Finding 4: a disk that filled during `report` left index.html truncated. Here the study
     (its checkpoints left out: `--no-inspect` does not read them) sits on a tmpfs with room for
     the tables but not for every figure."""
-    runs = plan(["resnet18-lr0.01"], 2, tmp_path / "s",
+    runs = plan(presets(["resnet18-lr0.01"]), 2, tmp_path / "s",
                 {"data": "synthetic", "subset": 64, "test_subset": 32, "batch_size": 32,
                  "epochs": 1, "device": "cpu"}, quick=False)
     run_study(runs, log=lambda m: None)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.config import EXPERIMENTS, GROUPS, get_experiment
 from resnet_study.search.space import load_space
 
 from .helpers import check_search, search_trials
+
+EXPERIMENTS, GROUPS, get_experiment = PRESETS.experiments, PRESETS.groups(), PRESETS.get
 
 SPACE = """
 [lr]
@@ -210,3 +212,31 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
     assert "50 configurations in a row cost more than --max-gflop-per-image 0.5" in (
         capsys.readouterr().err)
     assert not list(out.glob("trials/*/checkpoint.pt"))
+
+
+@pytest.mark.parametrize("name", ["resnet18-adam", "improved-resnet18", "mine", "nesterov"])
+def test_the_default_space_searches_around_any_experiment(name, tmp_path):
+    """Issue 30: a search around an Adam experiment was refused (`nesterov applies to sgd
+    only`). Around each experiment, every draw of the default space makes a valid trial: a
+    knob whose `when` does not hold keeps the experiment's value, or its default where that
+    value needs the `when` (a Nesterov SGD entry's Nesterov under a drawn Adam)."""
+    import optuna
+
+    from resnet_study.search.trials import Search, trial_experiment
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('["mine"]\nextends = "new-wide-resnet18"\n["nesterov".train]\n'
+                    "nesterov = true\n")
+    base = PRESETS.with_files([mine]).get(name).replace(val_split=5000, test_split=False)
+    search = Search(out=tmp_path, base=base, space=load_space(None, base), fixed={}, trials=1)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    optimizers = set()
+    for _ in range(60):
+        trial = study.ask()
+        exp = trial_experiment(search, search.space.draw(trial, search.defaults()))
+        optimizers.add(exp.train.optimizer)
+        assert exp.train.nesterov in ((False,) if exp.train.optimizer != "sgd"
+                                      else (False, True))
+        study.tell(trial, 0.0)
+    assert optimizers == {"sgd", "adam", "adamw"}

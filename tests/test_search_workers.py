@@ -3,73 +3,30 @@ trial counts on the journal file and on a real PostgreSQL server, nothing lost o
 Trials are tiny (2 steps an epoch): the processes' start-up is most of the time."""
 
 import contextlib
-import os
-import signal
+import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import check_search, postgres_server
+from resnet_study.catalogue import PRESETS
+from resnet_study.cli import main
 
-SPACE = """
-[lr]
-low = 0.005
-high = 0.05
-log = true
-
-[optimizer]
-choices = ["sgd", "adam"]
-
-[nesterov]
-choices = [false, true]
-when = { optimizer = "sgd" }
-"""
-TINY = ["--data", "synthetic", "--subset", "64", "--val-split", "32", "--batch-size", "32",
-        "--device", "cpu", "--quiet"]
-EXE = str(Path(sys.executable).with_name("resnet-study"))
+from .helpers import (
+    SEARCH_SPACE,
+    check_search,
+    postgres_server,
+    quiet_env,
+    search_command,
+    search_trials,
+)
 
 
 @pytest.fixture
 def space(tmp_path) -> Path:
     path = tmp_path / "space.toml"
-    path.write_text(SPACE)
+    path.write_text(SEARCH_SPACE)
     return path
-
-
-def _search(out: Path, space: Path, *extra: str, epochs: int = 2) -> list[str]:
-    return [EXE, "search", "--space", str(space), "--out", str(out), "--epochs", str(epochs),
-            "--pruner", "none", *TINY, *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def test_a_killed_search_goes_on_where_it_stood(space, tmp_path):
-    """SIGKILL in the middle of a trial (its checkpoint written, its summary not): the rerun
-    retries that trial in its folder, from its checkpoint, and loses or repeats nothing."""
-    out = tmp_path / "s"
-    proc = subprocess.Popen(_search(out, space, "--trials", "3"),
-                            env=_env(), start_new_session=True, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not [
-            run for run in out.glob("trials/trial-000[12]")
-            if (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()]:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    subprocess.run(_search(out, space, "--trials", "3"), env=_env(), check=True,
-                   capture_output=True)
-    rows = check_search(out, 3, 2)
-    dead = [r for r in rows if r["state"] == "FAIL"]
-    assert len(dead) == 1 and dead[0]["outcome"] == "dead (its process ended)"
-    retry = next(r for r in rows if r["retry_of"] == dead[0]["number"])
-    assert retry["run"] == dead[0]["run"] and retry["state"] == "COMPLETE"
-    log = (out / retry["run"] / "log.txt").read_text()
-    assert "epochs 1-2 of 2" in log and "epochs 2-2 of 2" in log  # resumed after epoch 1
 
 
 @pytest.mark.parametrize("storage", ["journal", "postgresql"])
@@ -78,12 +35,39 @@ def test_workers_together_run_exactly_the_trials_asked_for(space, tmp_path, stor
     a folder of its own. On the journal, one command's `--workers 2`; on PostgreSQL, two
     commands, as on two machines."""
     with postgres_server() if storage == "postgresql" else contextlib.nullcontext() as url:
-        command = _search(tmp_path / "s", space, "--trials", "4", epochs=1)
+        command = search_command(tmp_path / "s", space, "--trials", "4", epochs=1)
         commands = ([[*command, "--workers", "2"]] if url is None
                     else [[*command, "--storage", url]] * 2)
-        procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for c in commands]
+        procs = [subprocess.Popen(c, env=quiet_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for c in commands]
         for p in procs:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err.decode()[-2000:]
         check_search(tmp_path / "s", 4, 1)
+
+
+def test_a_users_experiment_is_labelled_alike_by_one_worker_and_by_two(space, tmp_path):
+    """Issue 30: spawned workers never loaded --experiments, and recorded every trial of a
+    user's experiment as `custom` with no settings. Each trial's label is its departures from
+    the user's entry, whichever process computes it."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text('["mine"]\nextends = "resnet18-adam"\n["mine".train]\n'
+                    "label_smoothing = 0.1\n")
+    entry = PRESETS.with_files([mine]).get("mine")
+    fidelity = {"epochs": 1, "subset": 64, "val_split": 32, "batch_size": 32}
+    for workers in ("1", "2"):  # one: in this process; two: spawned
+        out = tmp_path / f"workers-{workers}"
+        command = [*search_command(out, space, "--trials", "2", "--workers", workers, epochs=1),
+                   "mine", "--experiments", str(mine)]
+        if workers == "1":
+            assert main(command[1:]) == 0
+        else:
+            subprocess.run(command, env=quiet_env(), check=True, capture_output=True, timeout=300)
+        for row in search_trials(out):
+            params = {k: json.loads(row[k].lower()) if row[k] in ("True", "False")
+                      else type(getattr(entry.train, k))(row[k])
+                      for k in ("lr", "optimizer", "nesterov") if row[k]}
+            summary = json.loads((out / row["run"] / "summary.json").read_text())
+            expected = entry.replace(**fidelity, **params)
+            assert summary["settings"] == expected.settings, (workers, row)
+            assert summary["settings"].startswith("custom: ") and "lr=" in summary["settings"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from resnet_study import Experiment, UsageError
+from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.config import GROUPS, get_experiment
 from resnet_study.data.store import load_images
 from resnet_study.models import training_flops
 from resnet_study.study import (
@@ -16,22 +16,24 @@ from resnet_study.study import (
     plan,
     run_study,
     runs_that_fit,
-    status,
 )
+from resnet_study.training.run_folder import RunFolder
 from resnet_study.training.train import train
 
-from .helpers import read_metrics, without_timings
+from .helpers import presets, read_metrics, without_timings
+
+GROUPS, get_experiment = PRESETS.groups(), PRESETS.get
 
 TINY = dict(data="synthetic", subset=128, batch_size=64, eval_batch_size=200, test_subset=200,
             epochs=1)
 
 
 def test_plan_covers_every_experiment_and_seed_once_across_shards(tmp_path):
-    everything = plan(["resnet18-lr0.1", "resnet18-adam"], 3, tmp_path, {}, quick=False)
+    everything = plan(presets(["resnet18-lr0.1", "resnet18-adam"]), 3, tmp_path, {}, quick=False)
     assert [r.label for r in everything] == [f"{e}/seed-{s}" for e in ("resnet18-lr0.1",
                                                                         "resnet18-adam")
                                              for s in range(3)]
-    shards = [plan(["resnet18-lr0.1", "resnet18-adam"], 3, tmp_path, {}, False, (i, 4))
+    shards = [plan(presets(["resnet18-lr0.1", "resnet18-adam"]), 3, tmp_path, {}, False, (i, 4))
               for i in range(1, 5)]
     labels = [r.label for shard in shards for r in shard]
     assert sorted(labels) == sorted(r.label for r in everything)
@@ -53,7 +55,7 @@ def test_a_run_is_the_papers_protocol_until_a_setting_of_its_recipe_changes():
 
 
 def test_quick_profile_is_marked_and_short(tmp_path):
-    run = plan(["resnet18-lr0.01"], 1, tmp_path, {}, quick=True)[0]
+    run = plan(presets(["resnet18-lr0.01"]), 1, tmp_path, {}, quick=True)[0]
     assert run.experiment.profile == "quick"
     assert run.experiment.train.epochs < 25 and run.experiment.data.subset
 
@@ -65,7 +67,7 @@ def test_malformed_shard_is_refused(text):
 
 
 def test_study_completes_then_skips_finished_runs(tmp_path):
-    runs = plan(["resnet18-lr0.01", "resnet18-adam"], 2, tmp_path, TINY, quick=False)
+    runs = plan(presets(["resnet18-lr0.01", "resnet18-adam"]), 2, tmp_path, TINY, quick=False)
     outcomes = run_study(runs, log=lambda msg: None)
     assert len(outcomes["completed"]) == 4 and not outcomes["failed"]
     stamps = {r.label: (r.out / "summary.json").stat().st_mtime_ns for r in runs}
@@ -75,13 +77,13 @@ def test_study_completes_then_skips_finished_runs(tmp_path):
 
 
 def test_interrupted_run_is_resumed_not_counted(tmp_path):
-    run = plan(["resnet18-lr0.01"], 1, tmp_path, {**TINY, "epochs": 2}, quick=False)[0]
+    run = plan(presets(["resnet18-lr0.01"]), 1, tmp_path, {**TINY, "epochs": 2}, quick=False)[0]
     def killed_after_first_epoch(exp, row):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train(run.experiment, run.out, quiet=True, observers=[killed_after_first_epoch])
-    assert status(run) == "partial"
+    assert run.folder.state() == "partial"
     lines = []
     assert run_study([run], log=lines.append)["completed"] == [run.label]
     assert "1 to go" in lines[0]
@@ -92,7 +94,7 @@ def test_one_failure_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")
-    runs = plan(["resnet18-lr0.01", "resnet18-pretrained"], 1, tmp_path / "s", TINY, False)
+    runs = plan(presets(["resnet18-lr0.01", "resnet18-pretrained"]), 1, tmp_path / "s", TINY, False)
     lines = []
     outcomes = run_study(runs, log=lines.append)
     assert outcomes["completed"] == ["resnet18-lr0.01/seed-0"]
@@ -101,7 +103,7 @@ def test_one_failure_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
     assert summary["status"] == "failed" and "could not download ImageNet weights" in summary[
         "error"]
     assert any("resnet18-pretrained/seed-0 failed (UsageError" in line for line in lines)
-    assert status(runs[1]) == "failed"  # retried by the next invocation
+    assert runs[1].folder.state() == "failed"  # retried by the next invocation
 
 
 def test_runs_at_once_on_one_device_give_what_each_gives_alone(tmp_path, capsys):
@@ -128,7 +130,7 @@ def test_runs_at_once_on_one_device_give_what_each_gives_alone(tmp_path, capsys)
 
 
 def test_auto_runs_per_device_is_one_on_a_cpu_and_what_fits_on_a_gpu(tmp_path):
-    runs = plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False)
+    runs = plan(presets(["resnet18-lr0.01"]), 1, tmp_path, TINY, quick=False)
     assert auto_runs_per_device("cpu", runs, {"synthetic": load_images("synthetic")})[0] == 1
     gib = 2**30
     assert runs_that_fit(139 * gib, 2 * gib) == MAX_RUNS_PER_GPU == 4
@@ -137,7 +139,7 @@ def test_auto_runs_per_device_is_one_on_a_cpu_and_what_fits_on_a_gpu(tmp_path):
 
 
 def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
-    runs = plan(["resnet18-lr0.01", "resnet18-wide"], 1, tmp_path, {**TINY, "epochs": 2},
+    runs = plan(presets(["resnet18-lr0.01", "resnet18-wide"]), 1, tmp_path, {**TINY, "epochs": 2},
                 quick=False)
     lines = []
     run_study(runs, log=lines.append)
@@ -147,8 +149,8 @@ def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
     assert "resnet18-lr0.01/seed-0 completed" in lines[2] and "left" in lines[2]
     assert not any("--quick" in line for line in lines)  # a short study: no advice
 
-    runs = plan(["resnet18-lr0.01", "resnet18-wide"], 1, tmp_path / "new", {**TINY, "epochs": 2},
-                quick=False)
+    runs = plan(presets(["resnet18-lr0.01", "resnet18-wide"]), 1, tmp_path / "new",
+                {**TINY, "epochs": 2}, quick=False)
     clock = Clock(runs, {"synthetic": load_images("synthetic")}, workers=1)
     total = clock.first_epoch(runs[0], {"epoch_seconds": 10.0})
     wide = training_flops(runs[1].experiment.model, 10) / training_flops(
@@ -164,7 +166,7 @@ def test_a_long_study_on_a_cpu_points_to_quick_and_the_gpu(tmp_path, monkeypatch
     monkeypatch.setattr(Clock, "first_epoch", lambda self, run, row: real(
         self, run, {**row, "epoch_seconds": 3 * 24 * 3600.0}))
     lines = []
-    run_study(plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False), log=lines.append)
+    run_study(plan(presets(["resnet18-lr0.01"]), 1, tmp_path, TINY, quick=False), log=lines.append)
     assert any("about 3d00h in all" in line for line in lines)
     assert any("--quick" in line and "GPU" in line for line in lines)
 
@@ -226,7 +228,7 @@ def test_a_run_that_fails_in_a_study_keeps_all_that_was_known_of_it(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("resnet_study.training.checkpoint.torch.save", full_disk)
-    run = plan(["resnet18-lr0.01"], 1, tmp_path, TINY, quick=False)[0]
+    run = plan(presets(["resnet18-lr0.01"]), 1, tmp_path, TINY, quick=False)[0]
     assert run_study([run], log=lambda msg: None)["failed"] == [run.label]
     summary = json.loads((run.out / "summary.json").read_text())
     assert summary["status"] == "failed"
@@ -236,7 +238,7 @@ def test_a_run_that_fails_in_a_study_keeps_all_that_was_known_of_it(tmp_path, mo
     assert summary["dataset"] == "synthetic" and summary["settings"].startswith("custom: ")
 
 
-def test_a_config_json_of_an_earlier_version_still_loads():
+def test_a_config_json_of_an_earlier_version_still_loads(tmp_path):
     """Before execution settings had a section of their own they were under "train", and
     config.json held no overrides: such a file loads, its label computed from the presets."""
     exp = get_experiment("resnet18-adam").replace(epochs=5, device="cpu", eval_batch_size=10)
@@ -244,7 +246,8 @@ def test_a_config_json_of_an_earlier_version_still_loads():
     assert now["execution"]["device"] == "cpu" and "device" not in now["train"]
     earlier = {k: v for k, v in now.items() if k not in ("execution", "overrides")}
     earlier["train"] = {**now["train"], **now["execution"]}
-    again = Experiment.from_dict(earlier)
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    again = RunFolder(tmp_path).experiment()
     assert again == exp and again.execution.eval_batch_size == 10
     assert again.profile == "custom" and again.overrides() == {"epochs": 5}
 
@@ -254,11 +257,11 @@ def test_a_rerun_with_another_recipe_is_refused_not_counted_as_done(tmp_path):
     "1 already finished" and exited 0."""
     tiny = {"data": "synthetic", "subset": 64, "test_subset": 32, "batch_size": 32, "epochs": 1,
             "device": "cpu"}
-    assert run_study(plan(["resnet18-lr0.01"], 1, tmp_path, tiny, quick=False),
+    assert run_study(plan(presets(["resnet18-lr0.01"]), 1, tmp_path, tiny, quick=False),
                      log=lambda m: None)["completed"]
     with pytest.raises(UsageError, match=r"resnet18-lr0.01/seed-0 was trained with lr=0.01, "
                                          r"not 0.5; choose another --out"):
-        run_study(plan(["resnet18-lr0.01"], 1, tmp_path, {**tiny, "lr": 0.5}, quick=False))
-    again = run_study(plan(["resnet18-lr0.01"], 1, tmp_path, {**tiny, "precision": "fp32"},
+        run_study(plan(presets(["resnet18-lr0.01"]), 1, tmp_path, {**tiny, "lr": 0.5}, quick=False))
+    again = run_study(plan(presets(["resnet18-lr0.01"]), 1, tmp_path, {**tiny, "precision": "fp32"},
                            quick=False), log=lambda m: None)  # execution: not a difference
     assert again["skipped"] == ["resnet18-lr0.01/seed-0"]

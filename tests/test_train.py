@@ -6,8 +6,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resnet_study import UsageError
+from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.config import get_experiment
 from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
 from resnet_study.training.checkpoint import load_run
@@ -15,6 +15,8 @@ from resnet_study.training.epoch import evaluate
 from resnet_study.training.train import Stop, train
 
 from .helpers import read_metrics, without_timings
+
+get_experiment = PRESETS.get
 
 # Small but real: the paper's network on 256 synthetic images, four steps per epoch.
 FAST = dict(data="synthetic", subset=256, batch_size=64, eval_batch_size=500, epochs=2)

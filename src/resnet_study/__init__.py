@@ -1,7 +1,7 @@
 """resnet-study: the improved ResNet-18 CIFAR-100 study, re-measured with error bars."""
 
+from .catalogue import PRESETS
 from .config import (
-    EXPERIMENTS,
     DataConfig,
     ExecutionConfig,
     Experiment,
@@ -9,7 +9,16 @@ from .config import (
     TrainConfig,
     UsageError,
 )
-from .models import CifarResNet, ResNet18, build_model, count_params
+from .models import CifarResNet, ResNet18, count_params
+from .models import build_model as _build_model
 
-__all__ = ["EXPERIMENTS", "CifarResNet", "DataConfig", "ExecutionConfig", "Experiment",
+EXPERIMENTS = PRESETS.experiments  # the presets by name
+
+
+def build_model(spec: str | ModelConfig, num_classes: int = 100):
+    """A preset's network by name (`build_model("resnet18-lr0.01")`), or any `ModelConfig`'s,
+    pretrained weights loaded."""
+    return _build_model(PRESETS.get(spec).model if isinstance(spec, str) else spec, num_classes)
+
+__all__ = ["EXPERIMENTS", "PRESETS", "CifarResNet", "DataConfig", "ExecutionConfig", "Experiment",
            "ModelConfig", "ResNet18", "TrainConfig", "UsageError", "build_model", "count_params"]

@@ -3,7 +3,7 @@ evaluate.
 
 Every config field is a `--flag` of `train`, `study`, `search` and `bench` (`flags`), so a
 preset value can always be overridden; `--experiments FILE` adds the user's own experiments
-(`experiment_files`) for the command being run.
+to the command's catalogue (`catalogue`), which every command is handed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import experiment_files
+from .catalogue import PRESETS, Catalogue
 from .config import (
     BASE_EXPERIMENT,
     EXECUTION_FIELDS,
@@ -23,9 +23,6 @@ from .config import (
     Experiment,
     Interrupted,
     UsageError,
-    all_experiments,
-    get_experiment,
-    groups,
 )
 from .flags import add_config_flags, add_experiment_files, config_overrides
 
@@ -33,8 +30,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, resumable
 
 
-def experiment_from_args(args: argparse.Namespace) -> Experiment:
-    return get_experiment(args.experiment).replace(**config_overrides(args))
+def experiment_from_args(args: argparse.Namespace, catalogue: Catalogue) -> Experiment:
+    return catalogue.get(args.experiment).replace(**config_overrides(args))
 
 
 class Parser(argparse.ArgumentParser):
@@ -177,13 +174,13 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def cmd_experiments(args: argparse.Namespace) -> int:
+def cmd_experiments(args: argparse.Namespace, catalogue: Catalogue) -> int:
     import torch
 
     from .models import count_params, network, training_flops
 
     rows = []
-    for name, exp in all_experiments().items():
+    for name, exp in catalogue.experiments.items():
         with torch.device("meta"):  # count parameters without allocating 50M floats
             params = count_params(network(exp.model, num_classes=100))
         t = exp.train
@@ -235,8 +232,8 @@ def _describe_model(exp: Experiment) -> str:
     return " ".join(parts)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    exp = experiment_from_args(args)
+def cmd_train(args: argparse.Namespace, catalogue: Catalogue) -> int:
+    exp = experiment_from_args(args, catalogue)
     from .training.train import EXIT_DIVERGED, train
 
     out = args.out or Path("runs") / exp.name / f"seed-{exp.train.seed}"
@@ -256,7 +253,7 @@ def _runs_per_device(text: str) -> int | None:
     return int(text)
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def cmd_study(args: argparse.Namespace, catalogue: Catalogue) -> int:
     from .study import parse_shard, plan, run_study
 
     if args.all and args.experiments:
@@ -266,14 +263,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if "seed" in overrides:
         raise UsageError("a study runs seeds 0..N-1: use --seeds N, not --seed")
-    known = groups()
+    known = catalogue.groups()
     unknown = [g for g in args.group if g not in known]
     if unknown:
         raise UsageError(f"unknown group {unknown[0]!r}; choose one of: {', '.join(known)}")
     names = [*(known["paper"] if args.all else args.experiments),
              *(name for group in args.group for name in known[group])]
-    names = list(dict.fromkeys(names))
-    runs = plan(names, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
+    experiments = [catalogue.get(name) for name in dict.fromkeys(names)]
+    runs = plan(experiments, args.seeds, args.out, overrides, args.quick, parse_shard(args.shard))
     per_device = _runs_per_device(args.runs_per_device)
     devices = None
     if args.devices:
@@ -287,7 +284,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0 if not bad else 1
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, catalogue: Catalogue) -> int:
     """Exit 0 with a full report, 2 when damaged runs had to be left out (bad input: repair or
     recopy them), 1 when no run has completed; the page is written in every case."""
     from collections import Counter
@@ -310,7 +307,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def cmd_search(args: argparse.Namespace, catalogue: Catalogue) -> int:
     from .search.run import run_search
     from .search.space import FIDELITY, load_space
     from .search.trials import Search
@@ -323,7 +320,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--trials must be >= 1 and --timeout > 0")
     if args.max_gflop_per_image is not None and args.max_gflop_per_image <= 0:
         raise UsageError("--max-gflop-per-image must be > 0")
-    base = get_experiment(args.experiment).replace(
+    base = catalogue.get(args.experiment).replace(
         **{"val_split": 5000, **overrides, "test_split": False})
     if not 1 <= args.min_epochs <= base.train.epochs:
         raise UsageError(f"--min-epochs must be from 1 to the trials' {base.train.epochs} "
@@ -339,10 +336,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, catalogue: Catalogue) -> int:
     if args.batches < 1 or args.windows < 1 or args.warmup < 0:
         raise UsageError("--batches and --windows must be >= 1 and --warmup >= 0")
-    exp = get_experiment(args.experiment).replace(
+    exp = catalogue.get(args.experiment).replace(
         **{"data": "synthetic", **config_overrides(args)})
     from .bench import bench
 
@@ -370,7 +367,7 @@ def _report(result: dict, as_json: bool, text: str) -> None:
     print(json.dumps(result) if as_json else text)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, catalogue: Catalogue) -> int:
     from .training.checkpoint import load_run
     from .training.epoch import evaluate
 
@@ -387,7 +384,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace, catalogue: Catalogue) -> int:
     from .inspection.probes import inspect_run
 
     s = inspect_run(args.run_dir, args.images, args.data, args.device, progress=not args.json)
@@ -410,8 +407,8 @@ RESUME_HINT = {"train": "to resume, run the same command with --resume",
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        experiment_files.use(getattr(args, "experiment_files", []))
-        return COMMANDS[args.command](args)
+        catalogue = PRESETS.with_files(getattr(args, "experiment_files", []))
+        return COMMANDS[args.command](args, catalogue)
     except UsageError as e:
         print(f"resnet-study: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,14 +1,14 @@
-"""Typed, validated configuration and the paper's experiments as data.
+"""Typed, validated configuration: what one run is.
 
 A run is fully described by four frozen dataclasses: what network (`ModelConfig`), what
 images (`DataConfig`), how to train (`TrainConfig`), and how and where it executes
 (`ExecutionConfig`, never part of the protocol). Each validates itself on construction, so a
 bad value fails before any data is read or any file is written. The twelve rows of the
 paper's Table 1 live in `experiments.toml` beside this file, as overrides of the defaults
-below; read that file to see every choice and its reason. The protocol label every output
-gives a run is computed here too (`Experiment.settings`; for runs shown together, `labels`).
-The user's own experiments (`experiment_files`) join the presets for the command that names
-their files.
+below; read that file to see every choice and its reason. They and the user's own experiments
+are resolved by `catalogue`. The protocol label every output gives a run is computed here too
+(`Experiment.settings`, its departures from the entry it was made from; for runs shown
+together, `labels`).
 """
 
 from __future__ import annotations
@@ -251,9 +251,12 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    # The catalogue entry this experiment was made from (`catalogue.Catalogue.get`), carried
+    # with it into every process: its label is its departures from that entry, whichever
+    # process computes it. None: an experiment made by hand, labelled custom.
+    origin: Experiment | None = field(default=None, compare=False, repr=False)
     # The label a run was trained under ({"profile", "overrides"}), read back from its
-    # config.json: a preset edited later never relabels the run. None: computed from the
-    # presets as they are now.
+    # config.json: a preset edited later never relabels the run.
     recorded: dict | None = field(default=None, compare=False, repr=False)
 
     def replace(self, **overrides: Any) -> Experiment:
@@ -263,37 +266,37 @@ class Experiment:
             section = SECTION_OF.get(key)
             _require(section is not None, f"unknown setting {key!r}")
             sections[section][key] = value
-        # A change to the recipe makes a new run, whose label is computed afresh.
-        recorded = (self.recorded if set(overrides) <= EXECUTION_FIELDS else None)
-        return dataclasses.replace(self, recorded=recorded,
-                                   **{s: dataclasses.replace(getattr(self, s), **kv)
-                                      for s, kv in sections.items() if kv})
+        new = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **kv)
+                                           for s, kv in sections.items() if kv})
+        # A change to the recipe makes a new run, labelled afresh from its origin.
+        if next(differences(self, new, RECIPE_SECTIONS, ignore=_execution), None) is not None:
+            new = dataclasses.replace(new, recorded=None)
+        return new
 
     def overrides(self) -> dict[str, Any]:
-        """The settings of the protocol in which this run departs from its preset, e.g.
-        {"epochs": 2}. Execution settings (EXECUTION_FIELDS) are not departures."""
+        """The settings of the protocol in which this run departs from the catalogue entry it
+        was made from, e.g. {"epochs": 2}. Execution settings (EXECUTION_FIELDS) are not
+        departures."""
         if self.recorded is not None:
             return dict(self.recorded["overrides"])
-        preset = EXPERIMENTS.get(self.name) or OWN.get(self.name)
-        if preset is None:
+        if self.origin is None:
             return {}
-        return {name: now for name, _, now in differences(
-            preset, self, RECIPE_SECTIONS, ignore=lambda f: f.name in EXECUTION_FIELDS)}
+        return {name: now for name, _, now in differences(self.origin, self, RECIPE_SECTIONS,
+                                                          ignore=_execution)}
 
     @property
     def profile(self) -> str:
-        """paper: a preset as the paper ran it; quick: `--quick`; custom: anything else."""
+        """paper: a catalogue entry as it stands; quick: `--quick`; custom: anything else."""
         if self.recorded is not None:
             return self.recorded["profile"]
         if self.quick:
             return "quick"
-        known = self.name in EXPERIMENTS or self.name in OWN
-        return "paper" if known and not self.overrides() else "custom"
+        return "paper" if self.origin is not None and not self.overrides() else "custom"
 
     @property
     def settings(self) -> str:
         """How every output names a run's protocol: `paper`, or its profile and departures
-        from the preset, `custom: epochs=2, lr=0.05`."""
+        from its entry, `custom: epochs=2, lr=0.05`."""
         changed = ", ".join(f"{key}={value}" for key, value in self.overrides().items())
         return self.profile + (f": {changed}" if changed else "")
 
@@ -302,16 +305,11 @@ class Experiment:
         """What a run's log says when it is not the paper's protocol, naming the departures."""
         return "" if self.profile == "paper" else f" [{self.settings}; not the paper's protocol]"
 
-    def labelled(self) -> Experiment:
-        """This experiment with its label fixed now, while the experiment files that define it
-        are loaded: a study's worker processes know only the presets."""
-        return dataclasses.replace(self, recorded={"profile": self.profile,
-                                                   "overrides": self.overrides()})
-
     def to_dict(self) -> dict[str, Any]:
         """config.json: the full recipe, and the label the run is made under."""
-        d = dataclasses.asdict(self)
-        del d["recorded"]
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("origin", "recorded")}
+        d.update({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS})
         return {**d, "profile": self.profile, "overrides": self.overrides()}
 
     @classmethod
@@ -332,6 +330,10 @@ SECTION_OF: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in da
 # Settings that choose how and where a run executes, not what the paper's protocol trains: a run
 # that changes them still follows the paper. (The data set is named on its own in every output.)
 EXECUTION_FIELDS = {"data", "seed", *(f.name for f in dataclasses.fields(ExecutionConfig))}
+
+
+def _execution(f: dataclasses.Field) -> bool:
+    return f.name in EXECUTION_FIELDS
 
 
 def differences(old: Experiment, new: Experiment, sections: Iterable[str] = SECTIONS,
@@ -394,49 +396,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-def _load_experiments() -> dict[str, Experiment]:
-    """The presets. An entry may build on an earlier one (`extends`) as in the user's files, so
-    that an ablation row reads as the one setting it takes away."""
-    text = resources.files(__package__).joinpath("experiments.toml").read_text()
-    specs = tomllib.loads(text)
-    for spec in specs.values():
-        parent = specs[spec["extends"]] if "extends" in spec else {}  # a typo fails loudly
-        spec.update({s: {**parent.get(s, {}), **spec.get(s, {})} for s in RECIPE_SECTIONS})
-    return {name: Experiment.from_dict({"name": name, **spec}) for name, spec in specs.items()}
-
-
-EXPERIMENTS: dict[str, Experiment] = _load_experiments()
 # The paper's own numbers (Table 1 and the literature rows it quotes), beside its presets.
 PAPER: dict[str, Any] = tomllib.loads(resources.files(__package__).joinpath("paper.toml")
                                       .read_text())
 BASE_EXPERIMENT = "resnet18-lr0.01"
-
-
-GROUPS: dict[str, list[str]] = {}  # experiment names by group, in experiments.toml's order
-for _name, _exp in EXPERIMENTS.items():
-    GROUPS.setdefault(_exp.group, []).append(_name)
-
-
-# The user's own experiments, from the experiment files (`--experiments FILE`) of the command
-# being run: `experiment_files.use` sets them, the presets never change.
-OWN: dict[str, Experiment] = {}
-
-
-def all_experiments() -> dict[str, Experiment]:
-    """The presets, then the user's own experiments."""
-    return {**EXPERIMENTS, **OWN}
-
-
-def groups() -> dict[str, list[str]]:
-    """Experiment names by group: the presets' groups, then the user's."""
-    out = {group: list(names) for group, names in GROUPS.items()}
-    for name, exp in OWN.items():
-        out.setdefault(exp.group, []).append(name)
-    return out
-
-
-def get_experiment(name: str) -> Experiment:
-    known = all_experiments()
-    _require(name in known, f"unknown experiment {name!r}; choose one of: {', '.join(known)}"
-                            " (or define it in a file given with --experiments)")
-    return known[name]

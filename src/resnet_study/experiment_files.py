@@ -10,8 +10,9 @@ overrides its settings, validated exactly as the presets are:
     ["resnet18-lr0.05".train]
     lr = 0.05
 
-A run records its whole recipe in its config.json, so a study folder is reported without the
-file. Any fault in a file is one line naming the file, the entry and the key.
+This module reads and checks the files; `catalogue` resolves their entries, as it does the
+presets. A run records its whole recipe in its config.json, so a study folder is reported
+without the file. Any fault in a file is one line naming the file, the entry and the key.
 """
 
 from __future__ import annotations
@@ -19,19 +20,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from . import config
-from .config import (
-    BASE_EXPERIMENT,
-    EXECUTION_FIELDS,
-    EXPERIMENTS,
-    RECIPE_SECTIONS,
-    SECTION_OF,
-    SECTIONS,
-    Experiment,
-)
+from .config import EXECUTION_FIELDS, RECIPE_SECTIONS, SECTION_OF
+from .files import read_user_text
 
 ENTRY_KEYS = ("extends", "row", "notes", "group")
 # A name is a folder of every study (<out>/<name>/seed-<n>): no path, no surprises in a shell.
@@ -51,21 +46,10 @@ class Entry:
         return f"{self.path}: [{self.name}]"
 
 
-def use(paths: list[Path]) -> list[str]:
-    """Make the entries of `paths` the user's own experiments for this command (in place of any
-    earlier ones); returns their names, in the files' order."""
-    entries = read(paths)
-    own: dict[str, Experiment] = {}
-    for name in entries:
-        _resolve(name, entries, own, [])
-    config.OWN.clear()
-    config.OWN.update({name: own[name] for name in entries})
-    return list(entries)
-
-
-def read(paths: list[Path]) -> dict[str, Entry]:
+def read(paths: list[Path], builtin: Collection[str]) -> dict[str, Entry]:
     """Every entry of the files by name, each checked on its own (name, keys, types of the
-    entry's own keys); what needs the other entries (parents, values) is checked on building."""
+    entry's own keys); what needs the other entries (parents, values) is checked when the
+    catalogue resolves them. `builtin`: the presets' names, which no entry may take."""
     entries: dict[str, Entry] = {}
     for path in paths:
         for name, spec in _load(path).items():
@@ -73,7 +57,7 @@ def read(paths: list[Path]) -> dict[str, Entry]:
             _require(NAME.fullmatch(name) is not None, f"{where}: an experiment's name is a "
                      "folder name: a letter or digit, then letters, digits and . _ + -, at most "
                      "100 characters")
-            _require(name not in EXPERIMENTS, f"{where}: {name!r} is a built-in experiment; "
+            _require(name not in builtin, f"{where}: {name!r} is a built-in experiment; "
                      "choose another name (extends = \"" + name + "\" builds on it)")
             _require(name not in entries, f"{where}: {name!r} is defined twice (first in "
                      f"{entries[name].path if name in entries else ''})")
@@ -85,15 +69,9 @@ def read(paths: list[Path]) -> dict[str, Entry]:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    text = read_user_text(path, "experiments file")
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise config.UsageError(f"{path}: no such experiments file") from None
-    except OSError as e:
-        raise config.UsageError(f"{path}: cannot read the experiments file "
-                                f"({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise config.UsageError(f"{path}: not a TOML file (not UTF-8 text)") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise config.UsageError(f"{path}: not valid TOML ({e})") from None
 
@@ -124,34 +102,6 @@ def _unknown(name: str, key: str) -> str:
     return (f"unknown key; an entry takes {', '.join(ENTRY_KEYS)} and the tables "
             f"{', '.join(RECIPE_SECTIONS)}, each holding that section's settings "
             "(see `resnet-study train --help`)")
-
-
-def _resolve(name: str, entries: dict[str, Entry], own: dict[str, Experiment],
-             chain: list[str]) -> Experiment:
-    """The experiment `name` names: a preset, or an entry built on its resolved parent."""
-    if name in EXPERIMENTS:
-        return EXPERIMENTS[name]
-    if name in own:
-        return own[name]
-    entry = entries[name]
-    parent = entry.spec.get("extends", BASE_EXPERIMENT)
-    _require(parent not in chain and parent != name, f"{entry.where}: extends: {parent!r} "
-             f"extends it in turn ({' -> '.join([*chain, name, parent])}); break the cycle")
-    _require(parent in EXPERIMENTS or parent in entries,
-             f"{entry.where}: extends: unknown experiment {parent!r}; name a built-in "
-             "(`resnet-study experiments`) or an entry of the files")
-    base = _resolve(parent, entries, own, [*chain, name])
-    sections = {}
-    for section in RECIPE_SECTIONS:
-        values = {**dataclasses.asdict(getattr(base, section)), **entry.spec.get(section, {})}
-        try:
-            sections[section] = SECTIONS[section](**values)
-        except config.UsageError as e:
-            raise config.UsageError(f"{entry.where} {section}: {e}") from None
-    own[name] = Experiment(name=name, row=entry.spec.get("row", name),
-                           notes=entry.spec.get("notes", ""),
-                           group=entry.spec.get("group", OWN_GROUP), extends=parent, **sections)
-    return own[name]
 
 
 def _require(ok: bool, message: str) -> None:

@@ -1,6 +1,6 @@
-"""Crash-safe file writes (a reader, or a resumed run, never sees a half-written file), the
-lock that gives a run folder one writer, and code-free reads of the tensor files the tool is
-handed."""
+"""Crash-safe file writes (a reader, or a resumed run, never sees a half-written file), CSVs a
+spreadsheet opens without running anything, the lock that gives a run folder one writer, and
+guarded reads of the files the tool is handed: TOML text, and tensors read without code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import fcntl
 import io
 import json
 import os
+import re
 import socket
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,20 +68,82 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+# What a spreadsheet runs as a formula when a cell starts with it (OWASP, "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as a CSV cell that no spreadsheet runs: a run's labels, notes and settings come
+    from the user's files and flags, and a cell like `=HYPERLINK(...)` would run when the table
+    is opened. Such a string gets a leading `'`, as OWASP recommends; numbers, and strings that
+    are plain numbers ("-0.93"), are data and stay as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def write_rows(path: Path, rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> None:
-    """CSV rows (the header among them). The report's tables keep the csv module's own "\r\n",
-    which they have always had; the run files have "\n"."""
-    text = io.StringIO()
-    csv.writer(text, lineterminator=lineterminator).writerows(rows)
-    write_text(path, text.getvalue())
+    """CSV rows (the header among them), every cell through `csv_cell`: every CSV the tool
+    writes comes here, so none carries a formula. The report's tables keep the csv module's own
+    "\r\n", which they have always had; the run files have "\n". Each row is written with "\r\n"
+    and then given its own end, as the csv module quotes a cell holding a CR only when its line
+    end has one: a bare CR would end the row for a reader."""
+    lines = []
+    for row in rows:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\r\n").writerow([csv_cell(cell) for cell in row])
+        lines.append(text.getvalue().removesuffix("\r\n") + lineterminator)
+    write_text(path, "".join(lines))
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str],
               lineterminator: str = "\n") -> None:
     """Dict rows under a header of `columns`: other keys left out, a missing key or None an
-    empty cell."""
+    empty cell; cells neutralised as `write_rows` does."""
     write_rows(path, [columns, *([row.get(c) for c in columns] for row in rows)],
                lineterminator)
+
+
+# The largest TOML file a user hands the tool: an experiments or space file is a few KiB, and a
+# bigger one is the wrong file (a data set, a device), not worth reading whole into memory.
+MAX_USER_FILE = 2**20
+NOT_REGULAR = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+               (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+               (stat.S_ISSOCK, "socket"))
+
+
+def read_user_text(path: Path, what: str, limit: int = MAX_USER_FILE) -> str:
+    """The text of a file the user names (`what`: "experiments file", ...), or a `UsageError`
+    naming the path and the fix: never a traceback, and never a hang, since a FIFO or device is
+    refused on its `stat` before it is opened (opening a FIFO blocks until a writer comes), and
+    checked again on the open file in case the path changed in between. At most `limit` bytes
+    are read, as a file can grow after its `stat`. A UTF-8 byte-order mark, which Windows
+    editors write, is dropped: TOML would take it for a stray character."""
+    try:
+        _require_regular(path, os.stat(path).st_mode, what)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            _require_regular(path, os.fstat(f.fileno()).st_mode, what)
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 2**20 else f"{limit} bytes"
+        raise UsageError(f"{path}: larger than {size}, the limit for the {what}; is it the "
+                         "right file?")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a TOML file (not UTF-8 text); save it as UTF-8") from None
+
+
+def _require_regular(path: Path, mode: int, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((kind for test, kind in NOT_REGULAR if test(mode)), "special file")
+        raise UsageError(f"{path}: a {kind}, not a regular file; give the path of the {what}")
 
 
 class FolderHeld(UsageError):
@@ -88,7 +152,10 @@ class FolderHeld(UsageError):
     def __init__(self, folder: Path, holder: str) -> None:
         super().__init__(f"{folder} is in use by {holder}; wait for it to finish, or choose "
                          "another --out")
-        self.holder = holder
+        self.folder, self.holder = folder, holder
+
+    def __reduce__(self) -> tuple:  # whole across a worker pool's pipe
+        return FolderHeld, (self.folder, self.holder)
 
 
 @contextmanager

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import EXPERIMENTS, PAPER, Experiment
+from .catalogue import PRESETS
+from .config import PAPER, Experiment
 
 PROTOCOL_NOTES = {
     "quick": "QUICK profile: few epochs on a subset. A smoke test of the pipeline, not the "
@@ -53,7 +54,7 @@ def settings_cell(experiment: str, extends: str, settings: str) -> str:
         return settings
     if experiment in LITERATURE:
         return LITERATURE[experiment][1]
-    preset = EXPERIMENTS.get(experiment)
+    preset = PRESETS.experiments.get(experiment)
     if preset is not None and preset.group != "paper":
         return "this study's preset" + (f", extends {extends}" if extends else "")
     return f"own, extends {extends}" if extends else settings

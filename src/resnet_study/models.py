@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, UsageError, get_experiment, one_line
+from .config import ModelConfig, UsageError, one_line
 from .files import load_tensors
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
@@ -322,9 +322,8 @@ def load_pretrained(model: ResNet18, source: str) -> None:
     model.load_state_dict(state, strict=False)  # fc keeps its fresh initialisation
 
 
-def build_model(spec: str | ModelConfig, num_classes: int = 100) -> nn.Module:
-    """Build an experiment's network by name, or any `ModelConfig`; loads pretrained weights."""
-    cfg = get_experiment(spec).model if isinstance(spec, str) else spec
+def build_model(cfg: ModelConfig, num_classes: int = 100) -> nn.Module:
+    """Build any `ModelConfig`'s network; loads pretrained weights."""
     model = network(cfg, num_classes)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)

@@ -1,53 +1,37 @@
 """Every experiment x seed into one directory: resumable, shardable, and no run stops the rest.
 
-The study keeps no state of its own: each run's directory says what happened to it
-(`summary.json` for a finished run, `checkpoint.pt` for an interrupted one), so rerunning the
-same command, or several shards of it on several machines, picks up exactly what is left.
+The study keeps no state of its own: each run's folder says what happened to it
+(`RunFolder.state`), so rerunning the same command, or several shards of it on several
+machines, picks up exactly what is left. Runs at once go to the worker pool (`workers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import multiprocessing as mp
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import torch
 
-from .config import (
-    RECIPE_SECTIONS,
-    Experiment,
-    Interrupted,
-    UsageError,
-    differences,
-    get_experiment,
-    one_line,
-)
+from .config import RECIPE_SECTIONS, Experiment, UsageError, differences, one_line
 from .data.sources import ImageSet
 from .data.splits import check_sizes
 from .data.store import load_images
-from .files import FolderHeld, hold
+from .files import FolderHeld
 from .models import network, training_flops
 from .training.assembly import assemble
-from .training.checkpoint import read_summary
-from .training.device import resolve_device, share_cores
-from .training.epoch import StopSignal
-from .training.record import RunRecord
-from .training.train import train
+from .training.device import resolve_device
+from .training.run_folder import FINAL, RunFolder
+from .training.train import run_in_folder
+from .workers import Worker, run_jobs
 
 # Well under a minute per base-model run on a laptop CPU: enough to exercise every code path
 # and draw every figure, nowhere near the paper's protocol (and marked quick in every output).
 QUICK = {"epochs": 3, "subset": 1000, "test_subset": 1000}
-FINAL = {"completed", "diverged", "stopped"}  # outcomes a rerun would only repeat
 # The most runs `--runs-per-device auto` puts on one GPU: four eager runs at once gave 3.06x the
 # throughput of one on an H200 (benchmarks/RESULTS.md, a7f281c); more were not measured.
 MAX_RUNS_PER_GPU = 4
@@ -63,6 +47,10 @@ class Run:
     def label(self) -> str:
         return f"{self.experiment.name}/seed-{self.experiment.train.seed}"
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
+
 
 def parse_shard(text: str) -> tuple[int, int]:
     """`i/n`, 1-based as in SLURM arrays' usual use: --shard 1/4 .. --shard 4/4."""
@@ -75,16 +63,18 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def plan(names: list[str], seeds: int, root: Path, overrides: dict, quick: bool,
+def plan(experiments: list[Experiment], seeds: int, root: Path, overrides: dict, quick: bool,
          shard: tuple[int, int] = (1, 1)) -> list[Run]:
+    """The study's runs: each experiment (from the catalogue, so labelled by its entry) with
+    the command's overrides, at seeds 0..N-1; the i-th of n shards of them."""
     if seeds < 1:
         raise UsageError(f"--seeds must be >= 1, not {seeds}")
     runs = []
-    for name in names:
-        base = get_experiment(name).replace(**{**(QUICK if quick else {}), **overrides})
+    for exp in experiments:
+        name = exp.name
+        base = exp.replace(**{**(QUICK if quick else {}), **overrides})
         if quick:
             base = dataclasses.replace(base, quick=True)
-        base = base.labelled()
         for seed in range(seeds):
             runs.append(Run(base.replace(seed=seed), root / name / f"seed-{seed}"))
     i, n = shard
@@ -98,8 +88,8 @@ def check_folders(runs: list[Run]) -> None:
     which reports it."""
     for run in runs:
         try:
-            old = Experiment.from_dict(json.loads((run.out / "config.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError, UsageError):
+            old = run.folder.experiment()
+        except UsageError:
             continue
         difference = next(differences(old, run.experiment, RECIPE_SECTIONS), None)
         if difference is not None:
@@ -108,34 +98,16 @@ def check_folders(runs: list[Run]) -> None:
                              "choose another --out")
 
 
-def status(run: Run) -> str:
-    """completed / diverged / failed from the run's summary; partial or new otherwise."""
-    if (run.out / "summary.json").is_file():
-        state = (read_summary(run.out) or {}).get("status", "failed")  # unreadable: failed
-        if state in FINAL or not (run.out / "checkpoint.pt").exists():
-            return state
-    return "partial" if (run.out / "checkpoint.pt").exists() else "new"
-
-
 def execute(run: Run, device: str | None = None,
             on_epoch: Callable[[Run, dict], None] | None = None) -> dict:
-    """Train one run (resuming it if it was interrupted); a failure becomes its summary, with
-    all that was known of the run (`RunRecord`). Under the run folder's lock, so that several
-    processes on one study share its runs: one that another process holds is left to it
-    (status `held`), and one that another finished since this study was planned is skipped."""
+    """Train one run (resuming it if it was interrupted) under its folder's lock, so that
+    several processes on one study share its runs: one that another process holds is left to
+    it (status `held`)."""
     exp = run.experiment if device is None else run.experiment.replace(device=device)
     observers = [] if on_epoch is None else [lambda exp, row: on_epoch(run, row)]
-    record = RunRecord(exp, run.out)
     try:
-        with hold(run.out):
-            state = status(run)
-            if state in FINAL:
-                return {**(read_summary(run.out) or {}), "status": state, "skipped": True}
-            try:
-                return train(exp, run.out, resume=state == "partial", quiet=True,
-                             observers=observers, record=record, locked=True)
-            except Exception as e:  # out of memory, weights offline, bad data: record, go on
-                return record.summary or record.write("failed", error=one_line(e))
+        with run.folder.hold():
+            return run_in_folder(exp, run.folder, observers=observers)
     except FolderHeld as e:
         return {"status": "held", "error": e.holder}
 
@@ -213,45 +185,7 @@ def _epoch_cost(run: Run, images: ImageSet) -> float:
 
 def _epochs_done(run: Run) -> int:
     """Epochs an interrupted run has behind it (its metrics.csv rows); 0 for a new run."""
-    try:
-        return max(0, len((run.out / "metrics.csv").read_text().splitlines()) - 1)
-    except OSError:
-        return 0
-
-
-_worker_device: str | None = None
-_worker_epochs: mp.Queue | None = None
-_worker_stop: EventType | None = None
-
-
-def _init_worker(devices: mp.Queue, epochs: mp.Queue, stop: EventType, workers: int) -> None:
-    """A worker takes a device and its share of the cores. It leaves the terminal's process
-    group, so that a Ctrl-C reaches the study alone, which passes it on once; and should the
-    study die without passing anything on (SIGKILL), the worker stops its run as if by
-    SIGTERM."""
-    global _worker_device, _worker_epochs, _worker_stop
-    _worker_device, _worker_epochs, _worker_stop = devices.get(), epochs, stop
-    share_cores(workers)
-    os.setpgrp()
-    threading.Thread(target=_stop_when_orphaned, daemon=True).start()
-
-
-def _stop_when_orphaned() -> None:
-    """SIGTERM stops the worker's run with a checkpoint, after which the worker exits, having no
-    one to report to (an idle worker it just ends)."""
-    mp.parent_process().join()
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _execute_on_worker_device(run: Run) -> dict | None:
-    """The run's summary; None for a run the study handed out before it was stopped."""
-    if _worker_stop.is_set():
-        return None
-    try:
-        return execute(run, _worker_device, lambda run, row: _worker_epochs.put((run, row)))
-    finally:
-        if not mp.parent_process().is_alive():
-            os._exit(1)
+    return len(run.folder.history())
 
 
 def runs_that_fit(free_bytes: int, run_bytes: int) -> int:
@@ -299,7 +233,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
                                       "failed": [], "skipped": [], "held": []}
     todo = []
     for run in runs:
-        state = status(run)
+        state = run.folder.state()
         if state in FINAL:
             outcomes["skipped"].append(run.label)
             outcomes[state].append(run.label)
@@ -316,7 +250,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
     devices = _worker_devices(todo, devices, runs_per_device, images, log)
     news = _Progress(todo, outcomes, Clock(todo, images, max(1, len(devices or []))), on_cpu, log)
     if devices:
-        _run_in_workers(todo, devices, news)
+        _in_workers(todo, devices, news)
     else:
         for run in todo:
             news.finished(run, execute(run, on_epoch=news.first_epoch))
@@ -378,46 +312,19 @@ class _Progress:
                  f"done, {running} running, {failed} failed{eta}")
 
 
-def _run_in_workers(todo: list[Run], devices: list[str], news: _Progress) -> None:
-    """Each run in a worker process holding one of `devices`, as many at once as there are.
-    SIGTERM or SIGINT is passed on to the workers, whose runs write checkpoints and stop; the
-    runs not yet started are left for the next invocation, and the study raises Interrupted."""
-    ctx = mp.get_context("spawn")  # CUDA cannot be forked
-    queue, epochs, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    for d in devices:
-        queue.put(d)
+def _in_workers(todo: list[Run], devices: list[str], news: _Progress) -> None:
+    """Each run in a worker of the pool (`workers`), one per entry of `devices`."""
+    def done(run: Run, result: dict | Exception) -> None:
+        if isinstance(result, Exception):  # the worker itself died: killed for memory, say
+            result = {"status": "failed", "error": one_line(result)}
+        news.finished(run, result)
 
-    def pass_on(signum: int) -> None:
-        stop.set()
-        for worker in mp.active_children():
-            os.kill(worker.pid, signum)
-
-    with (StopSignal(pass_on) as signals,
-          ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker,
-                              initargs=(queue, epochs, stop, len(devices))) as pool):
-        pending: dict[Future, Run] = {pool.submit(_execute_on_worker_device, r): r for r in todo}
-        while pending:
-            finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
-            while not epochs.empty():
-                news.first_epoch(*epochs.get())
-            for f in finished:
-                run = pending.pop(f)
-                summary = _worker_summary(f, stopped=signals.signal_name is not None)
-                if summary is not None:
-                    news.finished(run, summary)
-    if signals.signal_name is not None:
-        raise Interrupted(f"stopped by {signals.signal_name}; the runs in progress wrote "
-                          "checkpoints")
+    run_jobs(_run_on_worker, todo, devices, on_done=done,
+             on_message=lambda message: news.first_epoch(*message))
 
 
-def _worker_summary(f: Future, stopped: bool) -> dict | None:
-    """The run's summary; None for a run that the study's stop ended (its worker said so)."""
-    try:
-        return f.result()
-    except Interrupted:  # the study's signal, passed on
-        return None
-    except Exception as e:  # the worker itself died: killed for memory, or stopped between runs
-        return None if stopped else {"status": "failed", "error": one_line(e)}
+def _run_on_worker(run: Run, worker: Worker) -> dict:
+    return execute(run, worker.device, lambda run, row: worker.tell((run, row)))
 
 
 def _duration(seconds: float) -> str:

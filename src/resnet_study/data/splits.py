@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from ..config import Experiment, UsageError
-from ..training.device import Ranks
+from ..ranks import Ranks
 from .loader import DeviceLoader, Mixing, normalization, split
 from .sources import ImageSet
 from .store import load_images

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import matplotlib.ticker
 import numpy as np
 
-from ..config import GROUPS
+from ..catalogue import PRESETS
 from ..data.loader import PAD, DeviceLoader, normalization
 from ..data.sources import ImageSet
 from ..labels import title_mark
@@ -28,6 +28,7 @@ class Panel(NamedTuple):
 
 
 REFERENCES = ["resnet18-lr0.01", "new-wide-resnet18"]  # the literature panels' yardsticks
+IMPROVED, ABLATION = (PRESETS.groups()[g] for g in ("improved", "improved-ablation"))
 FIGURES = {  # the paper's own groupings of loss curves, then the literature rows'
     "figure5": Panel("Figure 5", "Initial learning rate",
                      ["resnet18-lr0.1", "resnet18-lr0.01", "resnet18-lr0.001"]),
@@ -51,13 +52,13 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
                                   ("wrn-16-8", "resnet-110")),
     "improved": Panel("The improved ResNet-18", "This study's presets, against the base model, "
                       "Adam and the New Wide ResNet-18",
-                      [*GROUPS["improved"], "resnet18-lr0.01", "resnet18-adam",
+                      [*IMPROVED, "resnet18-lr0.01", "resnet18-adam",
                        "new-wide-resnet18"],
-                      tuple(GROUPS["improved"])),
+                      tuple(IMPROVED)),
     "improved-ablation": Panel("What each part contributes", "The improved ResNet-18 with one "
                                "part taken away at a time",
-                               [GROUPS["improved"][0], *GROUPS["improved-ablation"]],
-                               tuple(GROUPS["improved-ablation"])),
+                               [IMPROVED[0], *ABLATION],
+                               tuple(ABLATION)),
 }
 
 

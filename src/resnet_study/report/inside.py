@@ -17,6 +17,7 @@ from ..files import write_csv
 from ..inspection import probes
 from ..inspection.probes import MEASURES
 from ..plots import Figure, save
+from ..training.run_folder import RunFolder
 from .runs import Run
 
 PICTURES = ("feature_maps_layer1", "cam_correct", "cam_wrong", "embedding")  # on the page
@@ -34,7 +35,7 @@ class Inside:
 def _inspected(run: Run, pictures: bool, log: Callable[[str], None]) -> list[dict] | str:
     """The run's activation rows, inspecting it first where it has no inspection as recent as
     its checkpoint, or none with pictures where they are wanted; or why there are none."""
-    checkpoint = run.directory / "checkpoint.pt"
+    checkpoint = RunFolder(run.directory).checkpoint
     folder = run.directory / "inspect"
     stats = folder / "activations.csv"
     if not checkpoint.exists():

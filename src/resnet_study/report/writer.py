@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ..config import BASE_EXPERIMENT, EXPERIMENTS, PAPER, UsageError
+from ..catalogue import PRESETS
+from ..config import BASE_EXPERIMENT, PAPER, UsageError
 from ..data.sources import ImageSet
 from ..data.store import load_images
 from ..files import write_csv, write_rows, write_text
@@ -72,7 +73,7 @@ def table_rows(results: dict[str, list[Run]], without_result: list[dict] = ()) -
         runs = results.get(name)
         paper = PAPER["experiments"].get(name) or LITERATURE.get(name, ({},))[0]
         if not runs:
-            exp = EXPERIMENTS.get(name)
+            exp = PRESETS.experiments.get(name)
             rows.append({"experiment": name, "row": exp.row if exp else name, "n": 0,
                          "params": None, "epochs": None, "train_seconds": None,
                          "top1_mean": None, "top1_std": None, "paper_top1": paper.get("top1"),

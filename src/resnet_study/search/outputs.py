@@ -19,7 +19,6 @@ from ..config import (
     RECIPE_SECTIONS,
     SECTION_OF,
     differences,
-    get_experiment,
     one_line,
 )
 from ..data.sources import ImageSet
@@ -28,18 +27,20 @@ from ..files import write_csv, write_json, write_text
 from ..plots import Figure, plt, save
 from ..report.page import STYLE, figure_html
 from .space import FIDELITY
-from .trials import OBJECTIVE, Search, counted, outcome, settings
+from .trials import OBJECTIVE, Search, counted, outcome, trial_experiment
 
 FIGURES = {  # name: (Optuna's figure, caption)
     "history": (vis.plot_optimization_history, "Optimisation history: each trial's validation "
                 "top-1, and the best so far."),
-    "importances": (vis.plot_param_importances, "Parameter importances (fANOVA) for the "
-                    "validation top-1, over the completed trials."),
+    "importances": (vis.plot_param_importances, "Parameter importances (Optuna's default "
+                    "evaluator, PED-ANOVA) for the validation top-1, over the completed trials."),
     "parallel": (vis.plot_parallel_coordinate, "Parallel coordinates: each completed trial's "
                  "knobs and its validation top-1."),
     "intermediate": (vis.plot_intermediate_values, "Validation top-1 after each epoch, per "
                      "trial: where the pruner stopped the pruned ones."),
 }
+_MAX_PARALLEL = 8  # knobs the parallel coordinates can show and still be read
+_MIN_RANKED = 10  # completed trials below which the knobs are not ranked
 WHY = ("The search chooses on images held out of the training set, never on the test set: a "
        "choice read off the test set makes its test accuracy a biased estimate of how well the "
        "chosen model does on new images. best.toml takes the choice to `study`, which measures "
@@ -83,19 +84,74 @@ def _row(search: Search, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 def _figures(study: optuna.Study, out: Path) -> tuple[list[Figure], list[str]]:
     figures, notes = [], []
     for name, (plot, caption) in FIGURES.items():
+        kwargs: dict[str, Any] = {}
+        if name == "parallel":  # over the knobs that say something, and few enough to read
+            params, caption = _parallel_knobs(study, caption)
+            if not params:
+                notes.append(caption)
+                continue
+            kwargs["params"] = params
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib figures experimental
-                ax = plot(study)
+                ax = plot(study, **kwargs)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             notes.append(f"{caption.split(':')[0]} not drawn: {one_line(e)}")
             plt.close("all")
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-        # One axis a knob: the parallel coordinates need room for all of them.
+        # One axis a knob drawn: the parallel coordinates need room for each of them.
         fig.set_size_inches(max(8.0, 1.1 * len(fig.axes)) if name == "parallel" else 8.0, 4.8)
         figures.append(Figure(f"search-{name}", caption, save(fig, out, f"search-{name}")))
     return figures, notes
+
+
+def _parallel_knobs(study: optuna.Study, caption: str) -> tuple[list[str], str]:
+    """The knobs the parallel coordinates are drawn over, and the caption that says which and
+    why: past ten axes the lines cannot be followed, and a knob that kept one value in every
+    completed trial only takes room. Empty, with the reason, when no knob varied."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and -float("inf") < t.value < float("inf")]
+    seen: dict[str, set[str]] = {}  # each knob's values, in the order the trials drew them
+    for t in done:
+        for k, v in t.params.items():
+            seen.setdefault(k, set()).add(repr(v))  # repr: True and 1 are two values
+    varying = [k for k, values in seen.items() if len(values) > 1]
+    kept = len(seen) - len(varying)
+    left_out = (f"; {kept} that kept one value {'is' if kept == 1 else 'are'} left out"
+                if kept else "")
+    if not varying:
+        return [], (f"Parallel coordinates not drawn: no knob took two values among the "
+                    f"{len(done)} completed trials.")
+    head = caption.rstrip(".")
+    if len(varying) <= _MAX_PARALLEL:
+        chosen, which = varying, f"the {len(varying)} knobs that varied{left_out}"
+    else:
+        ranked, unranked = _ranked(study, varying, len(done))
+        chosen = ranked[:_MAX_PARALLEL]
+        which = (f"the {_MAX_PARALLEL} most important (by Optuna's parameter importances)"
+                 if unranked is None else f"the first {_MAX_PARALLEL} ({unranked})")
+        which += f" of the {len(varying)} knobs that varied{left_out}"
+    chosen = sorted(chosen)  # Optuna draws its axes in this order, left to right
+    return chosen, f"{head}, over {which}. Left to right: {', '.join(chosen)}."
+
+
+def _ranked(study: optuna.Study, varying: list[str], done: int) -> tuple[list[str], str | None]:
+    """The varying knobs, the most important first, by the measure of the importances figure
+    (Optuna's default, PED-ANOVA); or as they came, with the reason, where importances cannot
+    rank them: Optuna raises, or calls every knob equal, or the trials are too few for any
+    ranking to mean something (PED-ANOVA compares the best tenth of them with the rest)."""
+    if done < _MIN_RANKED:
+        return varying, f"only {done} completed trials: too few to rank them by importance"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few trials: Optuna warns, and is told below
+            importance = optuna.importance.get_param_importances(study, params=varying)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:
+        return varying, f"importances not computed: {one_line(e)}"
+    if len(set(importance.values())) <= 1:
+        return varying, "Optuna's importances call every knob equal"
+    return sorted(varying, key=lambda k: (-importance.get(k, 0.0), varying.index(k))), None
 
 
 def best_toml(search: Search, best: optuna.trial.FrozenTrial, images: ImageSet) -> str:
@@ -103,9 +159,9 @@ def best_toml(search: Search, best: optuna.trial.FrozenTrial, images: ImageSet) 
     from the searched experiment, less the search's fidelity (epochs, subset, validation)."""
     name = f"{search.out.name}-best"
     name = name if NAME.fullmatch(name) else "search-best"
-    trial_exp = search.base.replace(**settings(search.space, best.params))
+    trial_exp = trial_experiment(search, best.params)
     changed: dict[str, dict[str, Any]] = {}
-    for key, _, value in differences(get_experiment(search.base.name), trial_exp,
+    for key, _, value in differences(search.base.origin or search.base, trial_exp,
                                      RECIPE_SECTIONS):
         if key not in FIDELITY | EXECUTION_FIELDS:
             changed.setdefault(SECTION_OF[key], {})[key] = value
@@ -139,18 +195,37 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+def _title(search: Search) -> str:
+    """What the page is about: the experiment searched around, and the folder when its name
+    says more than the default's (`search`) or the experiment's name again."""
+    folder = search.out.resolve().name
+    title = f"Search around {search.base.name}"
+    if folder.casefold() in ("", "search", search.base.name.casefold()):
+        return title
+    return f"{title} \u2014 {folder}"
+
+
+# The trials table: small type, numbers kept on one line, the knobs and outcome free to wrap.
+_TRIALS_STYLE = (".trials{font-size:12px}.trials td{white-space:nowrap;vertical-align:top}"
+                 ".trials .outcome,.trials .knobs{white-space:normal;text-align:left}"
+                 ".trials td.outcome{min-width:8em;max-width:20em}"
+                 ".trials td.knobs{min-width:30em}")
+_TRIALS_HEAD = ["number", "state", "value", "epochs", "seconds", "outcome", "paper row", "knobs"]
+
+
 def _page(search: Search, rows: list[dict], best, figures: list[Figure], notes: list[str],
           images: ImageSet) -> str:
     e = html.escape
     d = search.base.data
-    knobs = [k.name for k in search.space.knobs]
+    title = _title(search)
     states = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>resnet-study search: "
-             f"{e(str(search.out))}</title><style>{STYLE}</style></head><body>",
-             f"<h1>Search {e(search.out.name)}</h1>",
-             f"<p>Objective: {e(OBJECTIVE)}, on {d.val_split:,} images held out of the training "
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)} "
+             f"(resnet-study)</title><style>{STYLE}{_TRIALS_STYLE}</style></head><body>",
+             f"<h1>{e(title)}</h1>",
+             f"<p>Folder <code>{e(str(search.out))}</code>. "
+             f"Objective: {e(OBJECTIVE)}, on {d.val_split:,} images held out of the training "
              f"set of <b>{e(images.name)}</b>; {search.base.train.epochs} epochs on "
              f"{f'{d.subset:,}' if d.subset else 'all the remaining'} training images per trial. "
              f"Sampler {e(search.sampler)}, pruner {e(search.pruner)}"
@@ -164,21 +239,39 @@ def _page(search: Search, rows: list[dict], best, figures: list[Figure], notes: 
     if best is not None:
         parts.append(f"<h2>Best trial: {best.number}</h2><p>Validation top-1 "
                      f"{best.value:.4f}. Its knobs: "
-                     + ", ".join(f"<code>{e(k)} = {e(str(v))}</code>" for k, v in
+                     + ", ".join(f"<code>{e(k)} = {e(_cell(v))}</code>" for k, v in
                                  best.params.items())
                      + ". As an experiment: <code>best.toml</code>.</p>")
     parts += ["<h2>Figures</h2>", *(f"<p><i>{e(n)}</i></p>" for n in notes),
               *(figure_html(f.caption, f.png) for f in figures)]
-    head = ["number", "state", "value", "epochs", "seconds", "outcome", "paper_row", *knobs]
-    parts.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head)
-                 + "</tr>")
-    for r in rows:
-        parts.append("<tr>" + "".join(f"<td>{e(_cell(r.get(h)))}</td>" for h in head) + "</tr>")
-    parts.append("</table></body></html>")
+    parts += _trials_table(rows, [k.name for k in search.space.knobs])
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 
+def _trials_table(rows: list[dict], knobs: list[str]) -> list[str]:
+    """One row a trial, with its knobs in one cell (only those it drew: a conditional knob
+    that was off is no value) so that the table keeps its width whatever the space's size;
+    wide anyway (a long failure), it scrolls inside its own box, not the page."""
+    e = html.escape
+    parts = ["<h2>Trials</h2><div style='overflow-x:auto'><table class='trials'><tr>"
+             + "".join(f"<th class='{h}'>{e(h)}</th>" if h in ("outcome", "knobs")
+                       else f"<th>{e(h)}</th>" for h in _TRIALS_HEAD) + "</tr>"]
+    for r in rows:
+        drawn = ", ".join(f"{k}={_cell(r[k])}" for k in knobs if r.get(k) is not None)
+        cells = [*(f"<td>{e(_cell(r.get(h)))}</td>"
+                   for h in ("number", "state", "value", "epochs", "seconds")),
+                 f"<td class='outcome'>{e(_cell(r.get('outcome')))}</td>",
+                 f"<td>{e(_cell(r.get('paper_row')))}</td>",
+                 f"<td class='knobs'>{e(drawn)}</td>"]
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table></div>")
+    return parts
+
+
 def _cell(value: Any) -> str:
+    """A value as the trials table shows it: floats to four significant digits, nothing for
+    a value a trial does not have."""
     if value is None:
         return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,13 +1,13 @@
 """`resnet-study search`: its workers, its progress, and what it writes when they are done.
 
-The workers (`trials.work`) are this process for `--workers 1`, else that many spawned ones;
-this process follows the study through its storage, with a progress bar (the trials done of
-those asked for, and an ETA) and one line per finished trial, whoever ran it.
+The workers (`trials.work`) are this process for `--workers 1`, else that many of the pool
+that runs a study's runs (`workers`), and they stop as a study's do; this process follows the
+search through its storage, with a progress bar (the trials done of those asked for, and an
+ETA) and one line per finished trial, whoever ran it.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 import threading
 import time
@@ -16,10 +16,10 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from ..config import UsageError
+from ..config import UsageError, one_line
 from ..data.splits import check_sizes
 from ..data.store import load_images
-from ..training.device import share_cores
+from ..workers import Worker, run_jobs
 from .outputs import write_outputs
 from .storage import open_storage
 from .trials import Search, counted, open_study, outcome, work
@@ -47,30 +47,28 @@ def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
         if workers == 1:
             work(search, deadline)
         else:
-            _spawn(search, workers, deadline)
+            _in_workers(search, workers, deadline)
     return write_outputs(search, study, images)
 
 
-def _spawn(search: Search, workers: int, deadline: float | None) -> None:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(search, deadline, workers)) for _ in range(workers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        raise UsageError(f"{len(failed)} of {workers} search workers ended with an error "
-                         f"(exit {failed[0]}, above); rerun the same command to go on")
+def _in_workers(search: Search, workers: int, deadline: float | None) -> None:
+    """`workers` workers of the pool (`workers`), each taking trials until the search has its
+    `--trials`. A worker's error (a space whose draws are all over budget, say) ends the search
+    with that one line, once the others are done."""
+    errors: list[Exception] = []
+    run_jobs(_work_on_worker, [(search, deadline)] * workers,
+             [search.base.execution.device] * workers,
+             on_done=lambda job, result: errors.append(result)
+             if isinstance(result, Exception) else None)
+    if errors:
+        e = errors[0]
+        raise e if isinstance(e, UsageError) else UsageError(
+            f"a search worker ended with an error ({one_line(e)}); rerun the same command to "
+            "go on")
 
 
-def _worker(search: Search, deadline: float | None, workers: int) -> None:
-    share_cores(workers)
-    try:
-        work(search, deadline)
-    except UsageError as e:  # as the command line says it: one line, exit 2
-        print(f"resnet-study: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _work_on_worker(job: tuple[Search, float | None], worker: Worker) -> None:
+    work(*job)
 
 
 class Progress:

@@ -23,10 +23,12 @@ from ..config import (
     EXECUTION_FIELDS,
     RECIPE_SECTIONS,
     SECTION_OF,
+    SECTIONS,
     Experiment,
     UsageError,
     differences,
 )
+from ..files import read_user_text
 
 # What sets a search's fidelity (its flags), never a knob.
 FIDELITY = {"epochs", "subset", "val_split", "test_subset"}
@@ -87,6 +89,20 @@ class Space:
                 values[knob.name] = drawn[knob.name] = knob.draw(trial)
         return drawn
 
+    def experiment(self, base: Experiment, drawn: dict[str, Any]) -> Experiment:
+        """`base` with a trial's knobs (its switches left out). A knob not drawn, its `when`
+        not holding, keeps `base`'s value, or its default where that value needs what the
+        `when` names: around WRN-16-8 (Nesterov SGD) a drawn Adam turns Nesterov off."""
+        values = {k: v for k, v in drawn.items() if k in SECTION_OF}
+        try:
+            return base.replace(**values)
+        except UsageError:
+            seen = {name: _value(base, name) for name in SECTION_OF
+                    if SECTION_OF[name] in RECIPE_SECTIONS} | drawn
+            off = {k.name: default_of(k.name) for k in self.knobs
+                   if k.when and not k.switch and not k.active(seen)}
+            return base.replace(**{**off, **values})
+
     def to_dict(self) -> dict[str, Any]:
         return {k.name: k.to_dict() for k in self.knobs}
 
@@ -130,6 +146,11 @@ def _value(exp: Experiment, name: str) -> Any:
     return getattr(getattr(exp, SECTION_OF[name]), name)
 
 
+def default_of(name: str) -> Any:
+    """A setting's default: the value a knob takes when off (`Space.experiment`)."""
+    return getattr(SECTIONS[SECTION_OF[name]](), name)
+
+
 def _recipe_differences(a: Experiment, b: Experiment) -> Iterator[tuple[str, Any, Any]]:
     yield from differences(a, b, RECIPE_SECTIONS, ignore=lambda f: f.name in EXECUTION_FIELDS)
 
@@ -142,27 +163,27 @@ def load_space(path: Path | None, base: Experiment) -> Space:
             "space.toml").read_text()
     else:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path}: cannot read the search space ({e})") from None
+        text = read_user_text(path, "search space file")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{source}: not valid TOML ({e})") from None
     knobs: list[Knob] = []
     for name, spec in raw.items():
-        knobs.append(_knob(f"{source}: [{name}]", name, spec, knobs, base))
+        knobs.append(_knob(f"{source}: [{name}]", name, spec, knobs))
     referenced = {k for knob in knobs for k, _ in knob.when}
     for knob in knobs:
         _require(not knob.switch or knob.name in referenced,
                  f"{source}: [{knob.name}]: unknown setting; a knob is a config field (see "
                  "`resnet-study train --help`), or a switch that another knob's `when` names")
     _require(bool(knobs), f"{source}: the space has no knobs")
-    return Space(source, tuple(knobs))
+    space = Space(source, tuple(knobs))
+    for knob in knobs:
+        _check_values(space, knob, base)
+    return space
 
 
-def _knob(where: str, name: str, spec: Any, earlier: list[Knob], base: Experiment) -> Knob:
+def _knob(where: str, name: str, spec: Any, earlier: list[Knob]) -> Knob:
     _require(isinstance(spec, dict), f"{where}: a knob is a table (choices, or low and high)")
     unknown = sorted(set(spec) - KNOB_KEYS)
     _require(not unknown, f"{where}: unknown key {', '.join(unknown)}; a knob takes "
@@ -190,7 +211,6 @@ def _knob(where: str, name: str, spec: Any, earlier: list[Knob], base: Experimen
         _require(not extra, f"{where}: {', '.join(extra)} go with low and high, not with "
                             "choices")
         knob = Knob(name, choices=tuple(choices), when=tuple(conditions))
-        values = list(choices)
     else:
         low, high = spec.get("low"), spec.get("high")
         _require(all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
@@ -201,14 +221,20 @@ def _knob(where: str, name: str, spec: Any, earlier: list[Knob], base: Experimen
                                                               "each other (Optuna's rule)")
         knob = Knob(name, low=low, high=high, log=bool(spec.get("log", False)),
                     step=spec.get("step"), when=tuple(conditions))
-        values = [low, high]
-    if not knob.switch:
-        for value in values:
-            try:
-                base.replace(**{name: value})
-            except UsageError as e:
-                raise UsageError(f"{where}: {e}") from None
     return knob
+
+
+def _check_values(space: Space, knob: Knob, base: Experiment) -> None:
+    """Each value `knob` can take must make a trial of `base`, drawn where the knob's `when`
+    holds (nesterov under SGD) and with the knobs that it turns off at their defaults."""
+    if knob.switch:
+        return
+    holds = {k: allowed[0] for k, allowed in knob.when}
+    for value in knob.choices if knob.choices is not None else (knob.low, knob.high):
+        try:
+            space.experiment(base, {**holds, knob.name: value})
+        except UsageError as e:
+            raise UsageError(f"{space.source}: [{knob.name}]: {e}") from None
 
 
 def _require(ok: bool, message: str) -> None:

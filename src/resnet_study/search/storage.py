@@ -5,7 +5,7 @@ Two things are added to what Optuna gives, both for several workers on one searc
 - a *claim*, held while a worker takes its next trial, so that workers never start more trials
   than asked for (a file lock beside the journal; a PostgreSQL advisory lock on a server);
 - on the journal, which has no heartbeat, a trial left RUNNING is known dead when no process
-  holds its run folder's lock (`files.hold`): a live trial holds it from before it leaves the
+  holds its run folder's lock (`RunFolder`): a live trial holds it from before it leaves the
   claim until it is told. PostgreSQL trials use Optuna's heartbeat instead.
 """
 
@@ -25,7 +25,6 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..config import UsageError
-from ..files import FolderHeld, hold
 
 HEARTBEAT_SECONDS = 10  # a PostgreSQL trial's heartbeat; one silent for GRACE_SECONDS is dead
 GRACE_SECONDS = 60
@@ -75,10 +74,7 @@ class Storage:
             return []
         dead = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            try:
-                with hold(run_folder(trial)):
-                    pass
-            except FolderHeld:
+            if run_folder(trial).running_elsewhere():
                 continue
             trial_id = self.optuna.get_trial_id_from_study_id_trial_number(
                 self.optuna.get_study_id_from_name(study.study_name), trial.number)

@@ -8,7 +8,6 @@ resumes from the folder's checkpoint.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -19,20 +18,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..catalogue import PRESETS
 from ..config import (
-    EXPERIMENTS,
-    GROUPS,
     RECIPE_SECTIONS,
     SECTION_OF,
     Experiment,
+    Interrupted,
     UsageError,
-    one_line,
 )
 from ..data.store import load_images
-from ..files import hold
 from ..models import training_flops
-from ..training.checkpoint import read_summary
-from ..training.train import Stop, train
+from ..training.epoch import StopSignal
+from ..training.run_folder import RunFolder
+from ..training.train import Stop, run_in_folder
 from .space import Space
 from .storage import Claim, Storage, open_storage
 
@@ -42,7 +40,7 @@ OBJECTIVE = "validation top-1 after the last epoch (maximised)"
 COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
 SPENT_FAILURES = ("diverged", "failed")
 MAX_OVER_BUDGET = 50
-WAIT_SECONDS = 5  # between looks at other workers' running trials, once all are started
+WAIT_SECONDS = 2  # between looks at other workers' running trials, once all are started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +67,9 @@ class Search:
             "data": self.base.data.data, "max_gflop_per_image": self.max_gflop,
             "pruner": self.pruner, "min_epochs": self.min_epochs, "sampler": self.sampler}))
 
-    def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> Path:
-        return self.out / trial.user_attrs.get("run", f"trials/trial-{trial.number:04d}")
+    def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> RunFolder:
+        return RunFolder(self.out / trial.user_attrs.get("run",
+                                                         f"trials/trial-{trial.number:04d}"))
 
     def defaults(self) -> dict[str, Any]:
         """Every recipe setting of the searched experiment: what a knob's `when` sees of the
@@ -116,7 +115,9 @@ def make_pruner(name: str, epochs: int, min_epochs: int) -> optuna.pruners.BaseP
 def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
     """The search's study: created with the paper's rows queued first, or loaded and checked
     to be this search."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
+    # The search prints its own line for every trial, a failed one too: Optuna's warnings of
+    # those (with a traceback each) would only repeat it.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     with storage.claim():
         study = optuna.create_study(
             study_name=search.name, storage=storage.optuna, direction="maximize",
@@ -140,12 +141,12 @@ def paper_rows(search: Search, classes: int) -> list[tuple[str, dict[str, Any]]]
     """The paper's rows that the space expresses and the budget admits, with their knobs. The
     flags' settings hold for them too: a row that then equals an earlier one is left out."""
     rows, seen = [], set()
-    for name in GROUPS["paper"]:
-        row = EXPERIMENTS[name].replace(**search.fixed)
+    for name in PRESETS.groups()["paper"]:
+        row = PRESETS.get(name).replace(**search.fixed)
         params = search.space.params_of(row, search.base, search.fixed)
         if params is None or json.dumps(params, sort_keys=True) in seen:
             continue
-        exp = search.base.replace(**settings(search.space, params))
+        exp = trial_experiment(search, params)
         if search.max_gflop and training_flops(exp.model, classes) / 1e9 > search.max_gflop:
             continue
         seen.add(json.dumps(params, sort_keys=True))
@@ -164,10 +165,9 @@ def first_difference(old: Any, new: Any, path: str = "") -> str | None:
     return None if old == new else f"{path}: {old!r}, not {new!r}"
 
 
-def settings(space: Space, drawn: dict[str, Any]) -> dict[str, Any]:
-    """The config settings among a trial's knobs (its switches left out)."""
-    switches = {k.name for k in space.knobs if k.switch}
-    return {k: v for k, v in drawn.items() if k not in switches}
+def trial_experiment(search: Search, drawn: dict[str, Any]) -> Experiment:
+    """The searched experiment with a trial's knobs (`Space.experiment`)."""
+    return search.space.experiment(search.base, drawn)
 
 
 class NotTrained(Exception):
@@ -183,17 +183,17 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         folder = self.search.run_folder(trial)
-        trial.set_user_attr("run", str(folder.relative_to(self.search.out)))
+        trial.set_user_attr("run", str(folder.path.relative_to(self.search.out)))
         trial.set_user_attr("outcome", "running")  # a retry's copy said "dead"
-        with hold(folder):
+        with folder.hold():
             self.claim.done()  # only now: a trial with a free folder is a dead one
             return self._run(trial, folder)
 
-    def _run(self, trial: optuna.Trial, folder: Path) -> float:
+    def _run(self, trial: optuna.Trial, folder: RunFolder) -> float:
         search = self.search
         drawn = search.space.draw(trial, search.defaults())
         try:
-            exp = search.base.replace(**settings(search.space, drawn))
+            exp = trial_experiment(search, drawn)
         except UsageError as e:
             return self._end(trial, f"failed: {e}")
         gflop = training_flops(exp.model, self.classes) / 1e9
@@ -201,11 +201,8 @@ class Objective:
         if search.max_gflop and gflop > search.max_gflop:
             return self._end(trial, f"over budget: {gflop:.3f} GFLOP per image, more than "
                                     f"--max-gflop-per-image {search.max_gflop:g}; not trained")
-        for row in _history(folder):  # a retried trial: the epochs its folder has
+        for row in folder.history():  # a retried trial: the epochs its folder has
             trial.report(row["val_top1"], int(row["epoch"]))
-        before = read_summary(folder) if (folder / "summary.json").exists() else None
-        if before and before.get("status") == "stopped":  # pruned, then killed before told
-            return self._pruned(trial, before)
 
         def observe(exp: Experiment, row: dict) -> Stop | None:
             trial.report(row["val_top1"], int(row["epoch"]))
@@ -213,16 +210,13 @@ class Objective:
                 return Stop(f"pruned by the {search.pruner} pruner after epoch {row['epoch']}")
             return None
 
-        try:
-            with open(folder / "log.txt", "a") as log:  # the trial's lines, in its folder
-                summary = train(exp, folder, resume=(folder / "checkpoint.pt").exists(),
-                                quiet=True, observers=[observe], locked=True,
-                                log=lambda line: print(line, file=log, flush=True))
-        except Exception as e:  # out of memory, say: this trial fails, the search goes on
-            return self._end(trial, f"failed: {one_line(e)}")
+        with folder.log_lines() as log:  # the trial's lines, in its folder
+            summary = run_in_folder(exp, folder, observers=[observe], log=log)
+        if summary["status"] == "failed":  # out of memory, say: this trial, not the search
+            return self._end(trial, f"failed: {summary.get('error', 'no reason recorded')}")
         trial.set_user_attr("epochs", summary["epochs"])
         trial.set_user_attr("seconds", summary["train_seconds"])  # all its epochs, resumed or not
-        if summary["status"] == "stopped":
+        if summary["status"] == "stopped":  # pruned now, or pruned and killed before told
             return self._pruned(trial, summary)
         if summary["status"] != "completed":
             return self._end(trial, f"diverged in epoch {summary.get('diverged_epoch')}")
@@ -241,39 +235,48 @@ class Objective:
         raise NotTrained(what)
 
 
-def _history(folder: Path) -> list[dict[str, float]]:
-    try:
-        with open(folder / "metrics.csv", newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError):
-        return []
-
-
 def work(search: Search, deadline: float | None = None) -> None:
     """One worker: take trials until the search has as many as asked for (or the deadline
-    passes). Any number of workers, here or on other machines, share one search this way."""
+    passes). Any number of workers, here or on other machines, share one search this way.
+
+    SIGTERM or SIGINT during a trial's training checkpoints it and stops (`Interrupted`); at
+    any other moment (Optuna's storage, a trial's start) it stops the worker before its next
+    trial, so that no write to the storage is cut. A stopped trial stays running in the storage,
+    and the next invocation retries it from its checkpoint."""
     storage = open_storage(search.storage, search.out, search.name)
     classes = len(load_images(search.base.data.data, progress=False).classes)
     study = open_study(search, storage, classes)
     over_budget = 0  # draws in a row that cost too much: a space that cannot be searched
-    ran: list[optuna.trial.FrozenTrial] = []  # this worker's last trial (not another worker's)
-    while deadline is None or time.time() < deadline:
-        with storage.claim() as claim:
-            storage.retry_dead_trials(study, search.run_folder)
-            trials = study.get_trials(deepcopy=False)
-            full = (sum(map(counted, trials)) >= search.trials
-                    and not any(t.state == TrialState.WAITING for t in trials))
-            if not full:
-                study.optimize(Objective(search, claim, classes), n_trials=1,
-                               catch=(NotTrained,), gc_after_trial=False,
-                               callbacks=[lambda _, trial: ran.append(trial)])
-        if full:  # until the running trials end: one may be dead, and its retry left to take
-            if not any(t.state == TrialState.RUNNING for t in trials):
+    with StopSignal() as signals:
+        while deadline is None or time.time() < deadline:
+            if signals.signal_name is not None:
+                raise Interrupted(f"stopped by {signals.signal_name} between trials")
+            ran = _next_trial(search, storage, study, classes)
+            if ran == "done":
                 return
-            time.sleep(WAIT_SECONDS)
-            continue
-        over_budget = over_budget + 1 if outcome(ran[-1]).startswith("over budget") else 0
-        if over_budget >= MAX_OVER_BUDGET:
-            raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
-                             f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take the "
-                             "costly choices (width, say) out of the space")
+            if ran != "waited":
+                over_budget = over_budget + 1 if outcome(ran).startswith("over budget") else 0
+            if over_budget >= MAX_OVER_BUDGET:
+                raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
+                                 f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take "
+                                 "the costly choices (width, say) out of the space")
+
+
+def _next_trial(search: Search, storage: Storage, study: optuna.Study,
+                classes: int) -> optuna.trial.FrozenTrial | str:
+    """The next trial of the search, run by this worker (not another worker's); "waited" when
+    the search is full but trials still run (one may be dead, its retry left to take); "done"
+    when nothing is left to run or wait for."""
+    ran: list[optuna.trial.FrozenTrial] = []
+    with storage.claim() as claim:
+        storage.retry_dead_trials(study, search.run_folder)
+        trials = study.get_trials(deepcopy=False)
+        if (sum(map(counted, trials)) < search.trials
+                or any(t.state == TrialState.WAITING for t in trials)):
+            study.optimize(Objective(search, claim, classes), n_trials=1, catch=(NotTrained,),
+                           gc_after_trial=False, callbacks=[lambda _, trial: ran.append(trial)])
+            return ran[-1]
+    if not any(t.state == TrialState.RUNNING for t in trials):
+        return "done"
+    time.sleep(WAIT_SECONDS)
+    return "waited"

@@ -18,11 +18,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..config import Experiment, UsageError
 from ..data.splits import Splits, make_splits
 from ..models import build_model
+from ..ranks import Ranks, init_ranks
 from .checkpoint import set_rng_state
 from .device import (
-    Ranks,
     autocast_dtype,
-    init_ranks,
     precision_name,
     reset_peak_memory,
     resolve_device,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ..data.splits import Splits, make_splits
 from ..files import load_tensors, write_bytes
 from ..models import build_model
 from .device import autocast_dtype, resolve_device
+from .run_folder import RunFolder
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,16 +87,6 @@ def _mismatch(saved: dict, expected: dict) -> str:
     return f"the checkpoint's {extra} is not in the config's network" if extra else ""
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    """The run's summary.json as written, or None where it is missing, unreadable or not an
-    object (a run killed after its last checkpoint but before its summary has none)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
 @dataclasses.dataclass
 class LoadedRun:
     experiment: Experiment
@@ -112,25 +102,19 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
     """A run's trained model with its experiment and data, to evaluate or inspect it (on other
     data or another device if given). A folder that is not a run, a missing checkpoint, or a
     checkpoint that does not fit its config (another architecture) is a UsageError."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        exp = Experiment.from_dict(json.loads(config.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{config}: not a resnet-study config ({e})") from None
-    exp = exp.replace(pretrained=None, test_split=True, **{k: v for k, v in (("data", data),
-                                                             ("device", device)) if v})
-    ckpt_path = run_dir / "checkpoint.pt"
+    folder = RunFolder(run_dir)
+    chosen = {k: v for k, v in (("data", data), ("device", device)) if v}
+    exp = folder.experiment().replace(pretrained=None, test_split=True, **chosen)
+    ckpt_path = folder.checkpoint
     ckpt = load_checkpoint(ckpt_path)
     target = resolve_device(exp.execution.device)
     splits = make_splits(exp, target, progress=progress)
     model = build_model(exp.model, len(splits.images.classes))
     mismatch = _mismatch(ckpt["model"], model.state_dict())
     if mismatch:  # another width, block, shortcut or number of classes
-        raise UsageError(f"{ckpt_path} does not fit {config} and {splits.images.name}'s "
-                         f"{len(splits.images.classes)} classes ({mismatch}); were they "
-                         "copied from different runs?")
+        raise UsageError(f"{ckpt_path} does not fit {run_dir / 'config.json'} and "
+                         f"{splits.images.name}'s {len(splits.images.classes)} classes "
+                         f"({mismatch}); were they copied from different runs?")
     model.load_state_dict(_evaluated_weights(ckpt))
     memory_format = torch.channels_last if exp.execution.channels_last else torch.contiguous_format
     model = model.to(target, memory_format=memory_format).eval()

@@ -4,14 +4,12 @@ place among torchrun's processes."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import UsageError
 
@@ -115,39 +113,3 @@ def share_cores(processes: int) -> None:
     """This process's share of the machine's cores, as PyTorch threads, when `processes` train
     at once: each with a thread per core, two CPU workers ran at a fifth of their speed."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-
-
-# --- several processes (torchrun) ---------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Ranks:
-    """This process's place among torchrun's; rank 0 alone writes files and logs."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, *values: float) -> list[float]:
-        """Sums over all ranks (one collective call), as float64 on the host."""
-        if self.world == 1:
-            return list(values)
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when it started us."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size()), device

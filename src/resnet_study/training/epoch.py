@@ -77,6 +77,11 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():  # only it can take signals
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            # A signal that an enclosing StopSignal took (a search worker's, while its trial
+            # was starting) is this one's too: the run stops at its first step.
+            outer = getattr(self._previous[signal.SIGTERM], "__self__", None)
+            if isinstance(outer, StopSignal) and self.signal_name is None:
+                self.signal_name = outer.signal_name
         return self
 
     def _handle(self, signum: int, frame) -> None:

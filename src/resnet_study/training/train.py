@@ -1,38 +1,34 @@
 """The paper's training recipe: one-cycle LR per batch, checkpoints every epoch, exact resume.
 
-`train` restores a run (or starts it), runs its epochs (`epoch.run_epoch`) on its `Assembly`,
-and records it: metrics.csv, checkpoint.pt and predictions.npz after every epoch, summary.json
-(`record.RunRecord`) whatever the outcome. Observers of finished epochs (a study's progress,
-a search's pruning) attach through `observers` and may stop a run cleanly.
+`train` (the command) and `execute` (a study's run, a search's trial) restore a run or start
+it, run its epochs (`epoch.run_epoch`) on its `Assembly`, and record it in its `RunFolder`:
+metrics.csv, checkpoint.pt and predictions.npz after every epoch, summary.json (`RunRecord`)
+whatever the outcome. Observers of finished epochs (a study's progress, a search's pruning)
+attach through `observers` and may stop a run cleanly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import Experiment, Interrupted, UsageError, one_line
-from ..files import atomic_open, hold, write_csv, write_json
 from ..models import count_params
+from ..ranks import is_main
 from .assembly import Assembly, assemble
 from .checkpoint import (
     check_same_experiment,
     load_checkpoint,
-    read_summary,
     rng_state,
     save_checkpoint,
 )
 from .device import device_label, peak_memory_mib
 from .epoch import Diverged, EpochResult, StopRequested, StopSignal, run_epoch
-from .record import RunRecord
+from .run_folder import FINAL, RunFolder, RunRecord
 
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
            "eval_seconds", "images_per_second"]
@@ -62,71 +58,81 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def restore(exp: Experiment, out: Path, resume: bool) -> tuple[dict | None, dict | None]:
+def restore(exp: Experiment, folder: RunFolder, resume: bool
+            ) -> tuple[dict | None, dict | None]:
     """(the checkpoint to resume from, or None; the summary of a run already finished, which
     needs nothing more). Refuses, before anything is written, a new run into a folder that holds
     one, and a resume under settings that would change what the run computes."""
-    ckpt_path = out / "checkpoint.pt"
     if not resume:
-        if ckpt_path.exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it "
+        if folder.checkpoint.exists():
+            raise UsageError(f"{folder.path} already holds a run; pass --resume to continue it "
                              "or choose another --out")
         return None, None
-    ckpt = load_checkpoint(ckpt_path)
-    check_same_experiment(ckpt["experiment"], exp, ckpt_path)
-    finished = read_summary(out) if ckpt["epoch"] >= exp.train.epochs else None
+    ckpt = load_checkpoint(folder.checkpoint)
+    check_same_experiment(ckpt["experiment"], exp, folder.checkpoint)
+    finished = folder.summary() if ckpt["epoch"] >= exp.train.epochs else None
     if finished and finished.get("status") == "completed":
         return ckpt, finished
     return ckpt, None
 
 
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
-          observers: Sequence[Observer] = (), record: RunRecord | None = None,
-          locked: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Train one experiment into `out`; return the summary also written to summary.json.
-    `record` (a study's) receives what is learnt of the run, whatever the outcome. The run holds
-    `out`'s lock (`files.hold`) throughout, so a second process training into the same folder
-    is refused (`FolderHeld`); `locked`: the caller holds it already (a study, which checks a
-    run's state under it). Under torchrun, rank 0 holds it for all ranks. `log` takes the run's
-    lines (a search's trial keeps them in its folder); by default they go to stderr."""
-    out = Path(out)
-    mine = not locked and os.environ.get("RANK", "0") == "0"
-    with hold(out) if mine else contextlib.nullcontext():
-        return _train(exp, out, resume=resume, quiet=quiet, observers=observers, record=record,
-                      log=log or _log(quiet))
+          observers: Sequence[Observer] = (), log: Callable[[str], None] | None = None) -> dict:
+    """Train one experiment into `out` (the `train` command); return the summary also written
+    to summary.json. The run holds `out`'s lock throughout (under torchrun, rank 0 holds it for
+    all ranks), so a second process training into the same folder is refused (`FolderHeld`)."""
+    folder = RunFolder(out)
+    with folder.hold_for_ranks(exp.execution.device):
+        return _train(exp, folder, resume=resume, quiet=quiet, observers=observers,
+                      record=None, log=log or _log(quiet))
 
 
-def _train(exp: Experiment, out: Path, *, resume: bool, quiet: bool,
+def run_in_folder(exp: Experiment, folder: RunFolder, *, observers: Sequence[Observer] = (),
+            log: Callable[[str], None] | None = None) -> dict:
+    """A study's run or a search's trial, in `folder`, whose lock the caller holds: the one way
+    both train. A run another process finished since it was planned is returned as it stands
+    (`skipped`), a partial one resumed from its checkpoint, any other started; any failure
+    (out of memory, weights offline, bad data) becomes its summary, with all that was known of
+    the run, and the caller goes on."""
+    state = folder.state()
+    if state in FINAL:
+        return {**(folder.summary() or {}), "status": state, "skipped": True}
+    record = RunRecord(exp, folder)
+    try:
+        return _train(exp, folder, resume=state == "partial", quiet=True, observers=observers,
+                      record=record, log=log or _log(True))
+    except Exception as e:
+        return record.summary or record.write("failed", error=one_line(e))
+
+
+def _train(exp: Experiment, folder: RunFolder, *, resume: bool, quiet: bool,
            observers: Sequence[Observer], record: RunRecord | None,
            log: Callable[[str], None]) -> dict:
-    ckpt, finished = restore(exp, out, resume)
-    if finished is not None:  # every rank returns here, before joining torchrun's group
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{exp.name}: {out} is already trained to epoch {exp.train.epochs} of "
+    ckpt, finished = restore(exp, folder, resume)
+    if finished is not None:
+        if is_main():
+            print(f"{exp.name}: {folder.path} is already trained to epoch {exp.train.epochs} of "
                   f"{exp.train.epochs}; nothing to resume", file=sys.stderr, flush=True)
         return finished  # as it was written
-    quiet = quiet or os.environ.get("RANK", "0") != "0"  # one progress bar, rank 0's
+    quiet = quiet or not is_main()  # one progress bar, rank 0's
     # A run that fails before it is assembled (bad data, no weights) has no folder to record
-    # in, unless a study asked for its record.
-    keep_early_failure, record = record is not None, record or RunRecord(exp, out)
+    # in, unless a study or search asked for its record.
+    keep_early_failure, record = record is not None, record or RunRecord(exp, folder)
     parts = None
     try:
         parts = assemble(exp, checkpoint=ckpt, progress=not quiet, log=log)
-        return Training(parts, out, record, ckpt, quiet).run(observers)
+        return Training(parts, folder, record, ckpt, quiet).run(observers)
     except Exception as e:
         if parts is not None:
             record.learn(peak_memory_mib=peak_memory_mib(parts.device))
         if parts is not None or keep_early_failure:
             record.write("failed", error=one_line(e))
         raise
-    finally:
-        if parts is not None and parts.ranks.world > 1:
-            dist.destroy_process_group()
 
 
 def _log(quiet: bool) -> Callable[[str], None]:
     """Rank 0's log: above the progress bars, or plain lines on stderr when quiet."""
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main():
         return lambda msg: None
     return (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else tqdm.write
 
@@ -134,9 +140,9 @@ def _log(quiet: bool) -> Callable[[str], None]:
 class Training:
     """One run's epochs on its assembly, and what they leave in its folder."""
 
-    def __init__(self, parts: Assembly, out: Path, record: RunRecord, ckpt: dict | None,
-                 quiet: bool) -> None:
-        self.parts, self.out, self.record, self.quiet = parts, out, record, quiet
+    def __init__(self, parts: Assembly, folder: RunFolder, record: RunRecord,
+                 ckpt: dict | None, quiet: bool) -> None:
+        self.parts, self.folder, self.record, self.quiet = parts, folder, record, quiet
         self.main = parts.ranks.main
         self.start_epoch = ckpt["epoch"] if ckpt else 0
         self.history: list[dict] = ckpt["history"] if ckpt else []
@@ -152,15 +158,14 @@ class Training:
     def run(self, observers: Sequence[Observer]) -> dict:
         parts, exp = self.parts, self.parts.experiment
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "config.json", exp.to_dict())
+            self.folder.write_config(exp)
             if self.history:  # as the checkpoint has it, should a kill have come between them
-                write_csv(self.out / "metrics.csv", self.history, self.columns)
+                self.folder.write_metrics(self.history, self.columns)
         parts.log(f"{exp.name}{exp.log_mark}: {self.record.facts['params']:,} parameters, "
                   f"{parts.splits.train.num_images:,} training images "
                   f"({parts.splits.images.name}), {parts.device.type}, {parts.precision}, "
                   f"epochs {self.start_epoch + 1}-{exp.train.epochs} of {exp.train.epochs}")
-        tb = _tensorboard(self.out) if self.main else None
+        tb = _tensorboard(self.folder.path) if self.main else None
         parts.model.train()
         try:
             with StopSignal() as signals:
@@ -193,7 +198,7 @@ class Training:
             parts.log(f"{exp.name}: stopped by {signals.signal_name} in epoch {epoch + 1} after "
                       f"step {step}; checkpoint written")
             raise Interrupted(f"stopped by {signals.signal_name}; checkpoint written in "
-                              f"{self.out} at epoch {epoch + 1}, step {step}") from None
+                              f"{self.folder.path} at epoch {epoch + 1}, step {step}") from None
         self.partial = None
         return result
 
@@ -205,7 +210,7 @@ class Training:
             self._save_predictions(result)
         self._checkpoint(epoch + 1)  # first: metrics.csv never lists an epoch it lacks
         if self.main:
-            write_csv(self.out / "metrics.csv", self.history, self.columns)
+            self.folder.write_metrics(self.history, self.columns)
         if tb:
             for k, v in row.items():
                 tb.add_scalar(k, v, epoch + 1)
@@ -229,13 +234,12 @@ class Training:
 
     def _save_predictions(self, result: EpochResult) -> None:
         if self.main and result.predictions is not None:
-            with atomic_open(self.out / "predictions.npz") as f:
-                np.savez(f, predicted=result.predictions,
-                         labels=self.parts.splits.test.labels.cpu().numpy())
+            self.folder.write_predictions(result.predictions,
+                                          self.parts.splits.test.labels.cpu().numpy())
 
     def _checkpoint(self, epoch: int, partial: dict | None = None) -> None:
         if self.main:
-            save_checkpoint(self.out / "checkpoint.pt", **self.parts.state_dict(),
+            save_checkpoint(self.folder.checkpoint, **self.parts.state_dict(),
                             rng=rng_state(), epoch=epoch, history=self.history,
                             partial=partial, experiment=self.parts.experiment.to_dict())
 
