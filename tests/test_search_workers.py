@@ -29,13 +29,19 @@ def space(tmp_path) -> Path:
     return path
 
 
+MINE = '["mine"]\nextends = "resnet18-adam"\n["mine".train]\nlabel_smoothing = 0.1\n'
+
+
 @pytest.mark.parametrize("storage", ["journal", "postgresql"])
 def test_workers_together_run_exactly_the_trials_asked_for(space, tmp_path, storage):
-    """Two workers on one search, four trials asked for: four in all, each number once, each in
-    a folder of its own. On the journal, one command's `--workers 2`; on PostgreSQL, two
-    commands, as on two machines."""
+    """Two workers on one search of the user's own experiment, four trials asked for: four in
+    all, each number once, each in a folder of its own, each labelled as this process labels
+    it. On the journal, one command's `--workers 2`; on PostgreSQL, two commands, as on two
+    machines."""
+    (tmp_path / "mine.toml").write_text(MINE)
     with postgres_server() if storage == "postgresql" else contextlib.nullcontext() as url:
-        command = search_command(tmp_path / "s", space, "--trials", "4", epochs=1)
+        command = [*search_command(tmp_path / "s", space, "--trials", "4", epochs=1), "mine",
+                   "--experiments", str(tmp_path / "mine.toml")]
         commands = ([[*command, "--workers", "2"]] if url is None
                     else [[*command, "--storage", url]] * 2)
         procs = [subprocess.Popen(c, env=quiet_env(), stdout=subprocess.PIPE,
@@ -44,30 +50,27 @@ def test_workers_together_run_exactly_the_trials_asked_for(space, tmp_path, stor
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err.decode()[-2000:]
         check_search(tmp_path / "s", 4, 1)
+    check_labels(tmp_path / "s", tmp_path / "mine.toml")
 
 
-def test_a_users_experiment_is_labelled_alike_by_one_worker_and_by_two(space, tmp_path):
+def test_one_worker_labels_a_users_experiment_as_two_do(space, tmp_path):
     """Issue 30: spawned workers never loaded --experiments, and recorded every trial of a
-    user's experiment as `custom` with no settings. Each trial's label is its departures from
-    the user's entry, whichever process computes it."""
-    mine = tmp_path / "mine.toml"
-    mine.write_text('["mine"]\nextends = "resnet18-adam"\n["mine".train]\n'
-                    "label_smoothing = 0.1\n")
+    user's experiment as `custom` with no settings, where one worker (this process) named its
+    departures. One worker's labels, checked as two workers' are above."""
+    (tmp_path / "mine.toml").write_text(MINE)
+    assert main([*search_command(tmp_path / "s", space, "--trials", "2", epochs=1)[1:], "mine",
+                 "--experiments", str(tmp_path / "mine.toml")]) == 0
+    check_labels(tmp_path / "s", tmp_path / "mine.toml")
+
+
+def check_labels(out: Path, mine: Path) -> None:
+    """Each trial's label is its departures from the user's entry: fidelity and knobs."""
     entry = PRESETS.with_files([mine]).get("mine")
     fidelity = {"epochs": 1, "subset": 64, "val_split": 32, "batch_size": 32}
-    for workers in ("1", "2"):  # one: in this process; two: spawned
-        out = tmp_path / f"workers-{workers}"
-        command = [*search_command(out, space, "--trials", "2", "--workers", workers, epochs=1),
-                   "mine", "--experiments", str(mine)]
-        if workers == "1":
-            assert main(command[1:]) == 0
-        else:
-            subprocess.run(command, env=quiet_env(), check=True, capture_output=True, timeout=300)
-        for row in search_trials(out):
-            params = {k: json.loads(row[k].lower()) if row[k] in ("True", "False")
-                      else type(getattr(entry.train, k))(row[k])
-                      for k in ("lr", "optimizer", "nesterov") if row[k]}
-            summary = json.loads((out / row["run"] / "summary.json").read_text())
-            expected = entry.replace(**fidelity, **params)
-            assert summary["settings"] == expected.settings, (workers, row)
-            assert summary["settings"].startswith("custom: ") and "lr=" in summary["settings"]
+    for row in search_trials(out):
+        params = {k: json.loads(row[k].lower()) if row[k] in ("True", "False")
+                  else type(getattr(entry.train, k))(row[k])
+                  for k in ("lr", "optimizer", "nesterov") if row[k]}
+        summary = json.loads((out / row["run"] / "summary.json").read_text())
+        assert summary["settings"] == entry.replace(**fidelity, **params).settings, row
+        assert summary["settings"].startswith("custom: ") and "lr=" in summary["settings"]

@@ -1,4 +1,6 @@
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +44,17 @@ def test_run_directory_has_metrics_config_summary_and_checkpoint(tmp_path):
     assert float(rows[-1]["test_top1"]) == pytest.approx(summary["test_top1"])
     assert json.loads((tmp_path / "config.json").read_text())["name"] == "resnet18-lr0.01"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert summary["git_commit"] == code_commit()
+
+
+def code_commit() -> str:
+    """The commit of this checkout, `+dirty` where tracked files differ from it (issue 30)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(trainlib.__file__).parent).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
 
 
 def test_lr_follows_one_cycle_stepped_every_batch(tmp_path):
