@@ -1,6 +1,7 @@
 """torchrun: two CPU processes over gloo train what one process trains."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,7 @@ def test_a_held_run_folder_stops_every_rank_at_once_with_one_line(tmp_path):
              "2", "-m", "resnet_study", "train", *COMMON, "--out", str(out)],
             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0  # torchrun adds its own report of the failed ranks
-    refusals = [line for line in result.stderr.splitlines() if "is in use by PID" in line]
+    refusals = re.findall(r"resnet-study: error: (\S+ is in use by PID \d+ on [^;]+);",
+                          result.stderr)
     assert len(refusals) == 2 and len(set(refusals)) == 1, result.stderr[-3000:]
     assert not (out / "config.json").exists()

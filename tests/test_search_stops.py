@@ -30,31 +30,35 @@ def alive(pid: int) -> bool:
         return False
 
 
-def training(out: Path) -> list[Path]:
-    """The trial folders whose runs are past their first epoch and not finished."""
+def epochs(run: Path) -> int:
+    try:
+        return len((run / "metrics.csv").read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def training(out: Path, before: dict[Path, int]) -> list[Path]:
+    """The trial folders whose runs trained an epoch since `before` and are not finished."""
     return [run for run in out.glob("trials/trial-*")
-            if (run / "metrics.csv").exists() and not (run / "summary.json").exists()]
+            if epochs(run) > before.get(run, 0) and not (run / "summary.json").exists()]
 
 
-EPOCHS = 5  # long enough that both workers are mid-trial when the signal comes
+EPOCHS = 8  # enough that each of three invocations stops both trials in the middle
+STOPS = {"SIGTERM to the search": "SIGTERM", "Ctrl-C in its terminal": "SIGINT",
+         "SIGKILL of the search": None}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", ["SIGTERM to the search", "Ctrl-C in its terminal",
-                                  "SIGKILL of the search"])
-def test_a_stopped_search_stops_its_workers_and_goes_on_to_exactly_its_trials(stop, space,
-                                                                               tmp_path):
-    """Issue 30: two workers, each mid-trial. However the search is stopped, both trials
-    write a checkpoint and stop, no worker is left running, and the same command then retries
-    both trials from their checkpoints and ends with exactly the trials asked for."""
-    out = tmp_path / "s"
-    command = search_command(out, space, "--trials", "2", "--workers", "2", epochs=EPOCHS)
+def stop_mid_trial(command: list[str], out: Path, stop: str) -> list[Path]:
+    """Start the search, stop it `stop`'s way once both workers have trained an epoch of their
+    trials, and check what the stop leaves: no worker after 30 s, one line (exit 75) where the
+    search could say it, both trials checkpointed mid-run. Returns their folders."""
+    before = {run: epochs(run) for run in out.glob("trials/trial-*")}
     proc = subprocess.Popen(command, env=quiet_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while len(training(out)) < 2:
+    while len(training(out, before)) < 2:
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.02)
-    workers = [int((run / ".lock").read_text().split()[1]) for run in training(out)]
+    workers = [int((run / ".lock").read_text().split()[1]) for run in training(out, before)]
     if stop == "SIGTERM to the search":
         proc.terminate()
     elif stop == "Ctrl-C in its terminal":
@@ -65,23 +69,34 @@ def test_a_stopped_search_stops_its_workers_and_goes_on_to_exactly_its_trials(st
     deadline = time.monotonic() + 30
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(alive, workers))
-    sig = {"SIGTERM to the search": "SIGTERM", "Ctrl-C in its terminal": "SIGINT"}.get(stop)
-    if sig:
+    assert not any(map(alive, workers)), stop
+    if STOPS[stop]:
         assert proc.returncode == 75 and "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
-        assert f"stopped by {sig}" in last and "run the same command again" in last
-    stopped = training(out)
-    assert len(stopped) == 2  # checkpointed mid-run, no summary
+        assert f"stopped by {STOPS[stop]}" in last and "run the same command again" in last
+    stopped = training(out, before)
+    assert len(stopped) == 2, stop  # checkpointed mid-run, no summary
     for run in stopped:
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-        assert 1 <= ckpt["epoch"] < EPOCHS
+        assert before.get(run, 0) < ckpt["epoch"] == epochs(run) < EPOCHS, stop
+    return stopped
+
+
+@pytest.mark.slow
+def test_a_search_stopped_each_way_goes_on_to_exactly_its_trials(space, tmp_path):
+    """Issue 30: two workers, each mid-trial, stopped by SIGTERM, then (the same command
+    rerun) by Ctrl-C, then by SIGKILL. Each time both trials write a checkpoint and stop and
+    no worker is left running; each rerun retries both trials from their checkpoints, and the
+    last ends with exactly the trials asked for. One search, rerun, serves all three stops: a
+    search per stop cost the suite a minute more."""
+    out = tmp_path / "s"
+    command = search_command(out, space, "--trials", "2", "--workers", "2", epochs=EPOCHS)
+    stopped = {run for stop in STOPS for run in stop_mid_trial(command, out, stop)}
     assert main(command[1:]) == 0  # the same command, in this process
     rows = check_search(out, 2, EPOCHS)
-    dead = [r for r in rows if r["state"] == "FAIL"]
-    assert {out / r["run"] for r in dead} == set(stopped)
-    for r in dead:
-        retry = next(t for t in rows if t["retry_of"] == r["number"])
-        assert retry["run"] == r["run"] and retry["state"] == "COMPLETE"
-        log = (out / retry["run"] / "log.txt").read_text()
-        assert f"epochs 1-{EPOCHS} of {EPOCHS}" in log and log.count(f"of {EPOCHS}\n") >= 2
+    assert {out / r["run"] for r in rows} == stopped
+    assert sum(r["state"] == "FAIL" for r in rows) == 2 * len(STOPS)  # each stop, each trial
+    for run in stopped:
+        log = (run / "log.txt").read_text()
+        assert f"epochs 1-{EPOCHS} of {EPOCHS}" in log
+        assert log.count(f"of {EPOCHS}\n") == 1 + len(STOPS)  # started, then resumed 3 times

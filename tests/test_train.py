@@ -1,6 +1,5 @@
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
 from resnet_study.training.checkpoint import load_run
 from resnet_study.training.epoch import evaluate
+from resnet_study.training.run_folder import GIT_COMMIT, git_commit
 from resnet_study.training.train import Stop, train
 
 from .helpers import read_metrics, without_timings
@@ -44,17 +44,26 @@ def test_run_directory_has_metrics_config_summary_and_checkpoint(tmp_path):
     assert float(rows[-1]["test_top1"]) == pytest.approx(summary["test_top1"])
     assert json.loads((tmp_path / "config.json").read_text())["name"] == "resnet18-lr0.01"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
-    assert summary["git_commit"] == code_commit()
+    assert summary["git_commit"] == GIT_COMMIT  # the code's, as it was imported
 
 
-def code_commit() -> str:
-    """The commit of this checkout, `+dirty` where tracked files differ from it (issue 30)."""
+def test_the_commit_recorded_says_whether_the_tree_was_dirty(tmp_path):
+    """Issue 30: a run's git_commit named the commit alone, though the code differed from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(trainlib.__file__).parent).stdout.strip()
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True, check=True
+                              ).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
+    assert git_commit(tmp_path) == "unknown"
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    sha = git("rev-parse", "--short=12", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked: not the code\n")
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{sha}+dirty"
 
 
 def test_lr_follows_one_cycle_stepped_every_batch(tmp_path):

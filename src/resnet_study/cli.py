@@ -404,22 +404,29 @@ RESUME_HINT = {"train": "to resume, run the same command with --resume",
                "search": "to go on, run the same command again"}
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every rank says it at once, and an
+    unbuffered stderr would interleave the line and its newline with another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         catalogue = PRESETS.with_files(getattr(args, "experiment_files", []))
         return COMMANDS[args.command](args, catalogue)
     except UsageError as e:
-        print(f"resnet-study: error: {e}", file=sys.stderr)
+        _say(f"resnet-study: error: {e}")
         return EXIT_USAGE
     except OSError as e:  # disk full, read-only folder: atomic writes kept the old files
-        print(f"resnet-study: error: {e}", file=sys.stderr)
+        _say(f"resnet-study: error: {e}")
         return 1
     except Interrupted as e:
-        print(f"resnet-study: {e}; {RESUME_HINT[args.command]}", file=sys.stderr)
+        _say(f"resnet-study: {e}; {RESUME_HINT[args.command]}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("resnet-study: interrupted", file=sys.stderr)
+        _say("resnet-study: interrupted")
         return 130
 
 

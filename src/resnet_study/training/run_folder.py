@@ -39,12 +39,12 @@ FINAL = ("completed", "diverged", "stopped")
 _HELD: set[Path] = set()  # the folders this process holds
 
 
-def _git_commit() -> str:
-    """The commit this code was imported from, `+dirty` where tracked files differed from it:
-    a process records the code it runs, not a commit made after it started."""
+def git_commit(folder: Path) -> str:
+    """The commit checked out where `folder` is, `+dirty` where tracked files differ from it;
+    "unknown" outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=folder).stdout.strip()
 
     try:
         sha = git("rev-parse", "--short=12", "HEAD")
@@ -54,7 +54,9 @@ def _git_commit() -> str:
     return (sha + ("+dirty" if dirty else "")) or "unknown"
 
 
-GIT_COMMIT = _git_commit()
+# The commit this code was imported from: a process records the code it runs, not a commit made
+# after it started (a study's workers import the code once).
+GIT_COMMIT = git_commit(Path(__file__).parent)
 
 
 class Unreadable(Exception):
