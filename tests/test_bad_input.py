@@ -4,7 +4,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from resnet_study import ModelConfig, UsageError
+from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
 from resnet_study.files import write_csv
 from resnet_study.models import ResNet18, load_pretrained
@@ -295,11 +295,11 @@ def test_a_weights_file_carrying_code_is_refused_not_run(tmp_path):
 BOM = "\ufeff"  # what a Windows editor puts before UTF-8 text
 
 
-def test_an_experiments_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+def test_an_experiments_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "bom.toml"
-    path.write_text(BOM + '["resnet18-bom"]\r\nextends = "resnet18-lr0.01"\r\n')
-    assert main(["experiments", "--json", "--experiments", str(path)]) == 0
-    assert "resnet18-bom" in [row["name"] for row in json.loads(capsys.readouterr().out)]
+    path.write_text(BOM + '["resnet18-bom"]\r\nextends = "resnet18-lr0.01"\r\n'
+                    '["resnet18-bom".train]\r\nlr = 0.05\r\n')
+    assert PRESETS.with_files([path]).get("resnet18-bom").train.lr == 0.05
 
 
 def test_a_space_file_with_a_byte_order_mark_is_read(tmp_path, capsys):

@@ -125,41 +125,47 @@ def alive(pid: int) -> bool:
         return False
 
 
+STOPS = {"SIGTERM to the study": "SIGTERM", "Ctrl-C in its terminal": "SIGINT",
+         "SIGKILL of the study": None}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["SIGTERM to the study", "Ctrl-C in its terminal",
-                                  "SIGKILL of the study"])
-def test_a_stopped_study_stops_its_workers_and_their_runs_checkpoint(stop, tmp_path):
-    """Two workers train two of three runs: however the study is stopped, both runs write a
-    checkpoint and stop, the workers are gone, and the third run is never started."""
+def test_a_study_stopped_each_way_stops_its_workers_and_their_runs_checkpoint(tmp_path):
+    """Two workers train two of three runs: stopped by SIGTERM, then (the same command rerun)
+    by Ctrl-C, then by SIGKILL, each time both runs write a checkpoint and stop, the workers
+    are gone, and the third run is never started. One study, rerun, serves all three stops (a
+    study per stop cost the suite 20 s more), as in `test_search_stops.py`."""
     out = tmp_path / "study"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "resnet_study", "study", "resnet18-lr0.01", "--seeds", "3",
-         "--devices", "cpu,cpu", "--out", str(out), *TINY[:-4], "--epochs", "100"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     runs = [out / "resnet18-lr0.01" / f"seed-{seed}" for seed in range(3)]
-    while not all((run / "metrics.csv").exists() for run in runs[:2]):
-        assert proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.05)
-    workers = [int((run / ".lock").read_text().split()[1]) for run in runs[:2]]
-    if stop == "SIGTERM to the study":
-        proc.terminate()
-    elif stop == "Ctrl-C in its terminal":
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal signals its whole foreground group
-    else:
-        proc.kill()
-    _, err = proc.communicate(timeout=120)  # the workers hold its stderr until they end
-    assert not any(alive(pid) for pid in workers)
-    sig = {"SIGTERM to the study": "SIGTERM", "Ctrl-C in its terminal": "SIGINT"}.get(stop)
-    if sig:
-        last = err.strip().splitlines()[-1]
-        assert proc.returncode == EXIT_INTERRUPTED, err
-        assert f"stopped by {sig}" in last and "run the same command again" in last
-        assert "Traceback" not in err
-    assert err.count(f"stopped by {sig or 'SIGTERM'} in epoch") == 2, err  # one signal each
-    for run in runs[:2]:
-        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-        assert ckpt["epoch"] < 100 and not (run / "summary.json").exists()
-    assert not (runs[2] / "checkpoint.pt").exists()
+    command = [sys.executable, "-m", "resnet_study", "study", "resnet18-lr0.01", "--seeds", "3",
+               "--devices", "cpu,cpu", "--out", str(out), *TINY[:-4], "--epochs", "100"]
+    for stop, sig in STOPS.items():
+        before = [len(metrics(run)) if (run / "metrics.csv").exists() else 0 for run in runs]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        while not all((run / "metrics.csv").exists() and len(metrics(run)) > done
+                      for run, done in zip(runs[:2], before, strict=False)):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        workers = [int((run / ".lock").read_text().split()[1]) for run in runs[:2]]
+        if stop == "SIGTERM to the study":
+            proc.terminate()
+        elif stop == "Ctrl-C in its terminal":
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals its whole foreground group
+        else:
+            proc.kill()
+        _, err = proc.communicate(timeout=120)  # the workers hold its stderr until they end
+        assert not any(alive(pid) for pid in workers), stop
+        if sig:
+            last = err.strip().splitlines()[-1]
+            assert proc.returncode == EXIT_INTERRUPTED, err
+            assert f"stopped by {sig}" in last and "run the same command again" in last
+            assert "Traceback" not in err
+        assert err.count(f"stopped by {sig or 'SIGTERM'} in epoch") == 2, err  # one signal each
+        for run, done in zip(runs[:2], before, strict=False):
+            ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+            assert done < ckpt["epoch"] < 100 and not (run / "summary.json").exists(), stop
+        assert not (runs[2] / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("failure", [
