@@ -220,7 +220,8 @@ def _describe_model(exp: Experiment) -> str:
     elif m.family == "cifar-resnet":
         parts = [f"ResNet-{6 * m.blocks + 2}"] + ([f"k={m.width}"] if m.width != 1 else [])
     else:
-        parts = ["ResNet-18"] + ([f"k={m.width}"] if m.width != 1 else [])
+        parts = ["ResNet-18"] + ([f"k={m.width}"] if m.width != 1 else []) + (
+            [f"C={m.channels}"] if m.channels != 64 else [])
     parts += [f"{m.shortcut}-shortcut"] if m.shortcut != "projection" else []
     parts += ["3x3-shortcut"] if m.shortcut_kernel == 3 else []
     parts += ["pre-act"] if m.block == "pre" and m.family == "resnet18" else []

@@ -90,11 +90,15 @@ class ModelConfig:
 
     family: Literal["resnet18", "cifar-resnet"] = "resnet18"
     # The map layer1 sees of a 32x32 image: imagenet, the paper's 7x7/2 conv + max-pool, 8x8;
-    # imagenet-nopool (7x7/2, no max-pool) and imagenet-s1 (7x7/1 + max-pool), 16x16; cifar,
-    # a 3x3/1 conv, 32x32 (models.STEMS).
-    stem: Literal["imagenet", "imagenet-nopool", "imagenet-s1", "cifar"] = "imagenet"
+    # imagenet-nopool (7x7/2, no max-pool), imagenet-s1 (7x7/1 + max-pool) and cifar-s2 (a
+    # 3x3/2 conv, the CIFAR literature's cheap way to 16x16), 16x16; cifar, a 3x3/1 conv, 32x32
+    # (models.STEMS).
+    stem: Literal["imagenet", "imagenet-nopool", "imagenet-s1", "cifar-s2", "cifar"] = "imagenet"
     block: Literal["post", "pre"] = "post"  # conv-BN-ReLU (original) or BN-ReLU-conv
     width: int = 1  # k: stage widths 64k..512k (resnet18) or 16k, 32k, 64k (cifar-resnet)
+    # A resnet18's stem and layer1 channels, C: stage widths C k, 2C k, 4C k, 8C k. Fewer than
+    # the paper's 64 buy a larger map (a 16x16 stem) within the same FLOPs.
+    channels: int = 64
     blocks: int = 2  # residual blocks per stage: 2 in ResNet-18, n in a 6n+2-layer CIFAR ResNet
     shortcut: Literal["projection", "zero-pad"] = "projection"  # He et al.'s option B or A
     shortcut_kernel: Literal[1, 3] = 1  # kernel of the projection shortcut conv
@@ -106,6 +110,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
+        _require(self.channels >= 8, f"channels must be a whole number >= 8, not "
+                                     f"{self.channels}")
+        _require(self.family == "resnet18" or self.channels == 64,
+                 "channels sets a resnet18's layer1; a cifar-resnet's stages are 16k, 32k, 64k "
+                 "channels (width k)")
         _require(self.blocks >= 1, f"blocks must be a whole number >= 1, not {self.blocks}")
         _require(self.family == "cifar-resnet" or (self.blocks == 2
                                                   and self.shortcut == "projection"),
@@ -117,11 +126,13 @@ class ModelConfig:
             p = getattr(self, name)
             _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), not {p}")
         _require(self.pretrained is None or (self.family == "resnet18" and self.width == 1
+                                              and self.channels == 64
                                               and self.shortcut_kernel == 1
                                               and self.block == "post" and self.batch_norm
-                                              and self.stem != "cifar"),
+                                              and self.stem.startswith("imagenet")),
                  "pretrained weights exist only for the base architecture "
-                 "(a 7x7 imagenet stem, post-activation, width 1, 1x1 shortcut, batch norm)")
+                 "(a 7x7 imagenet stem, post-activation, width 1, 64 channels, 1x1 shortcut, "
+                 "batch norm)")
 
 
 @dataclass(frozen=True)

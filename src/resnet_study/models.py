@@ -24,13 +24,14 @@ from .files import load_tensors
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
 # does not pull in torchvision.
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-STAGE_WIDTHS = (64, 128, 256, 512)  # ResNet-18, times its width k
+STAGE_WIDTHS = (1, 2, 4, 8)  # ResNet-18's stages, times its layer1 channels C and width k
 CIFAR_STAGE_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR ResNets, times a wide ResNet's k
 # A ResNet-18's stem: conv kernel, conv stride, 3x3/2 max-pool after it. The paper's ImageNet stem
 # leaves layer1 8x8 maps of a 32x32 image, where the CIFAR literature's 3x3 stem keeps 32x32;
-# the two between keep 16x16 at about 4x the paper's cost (README, "The networks").
+# the three between keep 16x16 at about 4x the paper's cost at its 64 channels, and at about its
+# cost with 32 (README, "The networks").
 STEMS = {"imagenet": (7, 2, True), "imagenet-nopool": (7, 2, False),
-         "imagenet-s1": (7, 1, True), "cifar": (3, 1, False)}
+         "imagenet-s1": (7, 1, True), "cifar-s2": (3, 2, False), "cifar": (3, 1, False)}
 
 
 def _norm(channels: int, enabled: bool) -> nn.Module:
@@ -192,15 +193,16 @@ class ResNet18(nn.Module):
         super().__init__()
         self.cfg = cfg
         kernel, stride, pool = STEMS[cfg.stem]
-        self.conv1 = nn.Conv2d(3, 64, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.conv1 = nn.Conv2d(3, cfg.channels, kernel, stride=stride, padding=kernel // 2,
+                               bias=False)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if pool else nn.Identity()
-        self.bn1 = _norm(64, cfg.batch_norm)
+        self.bn1 = _norm(cfg.channels, cfg.batch_norm)
         self.relu = nn.ReLU(inplace=True)
 
         block = BasicBlock if cfg.block == "post" else PreActBlock
-        inplanes = 64  # the stem stays at 64 channels whatever the width multiplier
-        for i, base_width in enumerate(STAGE_WIDTHS):
-            planes = base_width * cfg.width
+        inplanes = cfg.channels  # the stem's, whatever the width multiplier
+        for i, multiple in enumerate(STAGE_WIDTHS):
+            planes = multiple * cfg.channels * cfg.width
             self.add_module(f"layer{i + 1}", _stage(block, inplanes, planes, 1 if i == 0 else 2,
                                                     cfg))
             inplanes = planes
