@@ -92,7 +92,7 @@ class Space:
     def experiment(self, base: Experiment, drawn: dict[str, Any]) -> Experiment:
         """`base` with a trial's knobs (its switches left out). A knob not drawn, its `when`
         not holding, keeps `base`'s value, or its default where that value needs what the
-        `when` names: around WRN-16-8 (Nesterov SGD) a drawn Adam turns Nesterov off."""
+        `when` names: around a Nesterov SGD experiment a drawn Adam turns Nesterov off."""
         values = {k: v for k, v in drawn.items() if k in SECTION_OF}
         try:
             return base.replace(**values)
