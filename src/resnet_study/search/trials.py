@@ -8,6 +8,7 @@ resumes from the folder's checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -176,18 +177,22 @@ class NotTrained(Exception):
 
 class Objective:
     """One trial: its run folder held, the claim released, its knobs drawn, and its run trained
-    (or resumed), reporting each epoch's validation top-1."""
+    (or resumed), reporting each epoch's validation top-1. The folder stays held in `held`
+    until the caller closes it, after Optuna has been told the trial's end: a trial whose folder
+    is free is taken for dead, and one freed before it was told was failed by another worker
+    while it finished (Optuna then refused the finished trial's result)."""
 
-    def __init__(self, search: Search, claim: Claim, classes: int) -> None:
-        self.search, self.claim, self.classes = search, claim, classes
+    def __init__(self, search: Search, claim: Claim, classes: int,
+                 held: contextlib.ExitStack) -> None:
+        self.search, self.claim, self.classes, self.held = search, claim, classes, held
 
     def __call__(self, trial: optuna.Trial) -> float:
         folder = self.search.run_folder(trial)
         trial.set_user_attr("run", str(folder.path.relative_to(self.search.out)))
         trial.set_user_attr("outcome", "running")  # a retry's copy said "dead"
-        with folder.hold():
-            self.claim.done()  # only now: a trial with a free folder is a dead one
-            return self._run(trial, folder)
+        self.held.enter_context(folder.hold())
+        self.claim.done()  # only now: a trial with a free folder is a dead one
+        return self._run(trial, folder)
 
     def _run(self, trial: optuna.Trial, folder: RunFolder) -> float:
         search = self.search
@@ -273,8 +278,10 @@ def _next_trial(search: Search, storage: Storage, study: optuna.Study,
         trials = study.get_trials(deepcopy=False)
         if (sum(map(counted, trials)) < search.trials
                 or any(t.state == TrialState.WAITING for t in trials)):
-            study.optimize(Objective(search, claim, classes), n_trials=1, catch=(NotTrained,),
-                           gc_after_trial=False, callbacks=[lambda _, trial: ran.append(trial)])
+            with contextlib.ExitStack() as held:  # the trial's folder, until it is told
+                study.optimize(Objective(search, claim, classes, held), n_trials=1,
+                               catch=(NotTrained,), gc_after_trial=False,
+                               callbacks=[lambda _, trial: ran.append(trial)])
             return ran[-1]
     if not any(t.state == TrialState.RUNNING for t in trials):
         return "done"
