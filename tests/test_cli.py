@@ -40,6 +40,8 @@ def test_experiments_table_is_readable(capsys):
     (["train", "resnet18-lr0.01", "--batch-size", "0"], "batch_size must be > 0"),
     (["train", "resnet18-lr0.01", "--block", "sideways"], "invalid choice"),
     (["train", "resnet18-lr0.01", "--channels", "4"], "channels must be a whole number >= 8"),
+    (["train", "resnet18-lr0.01", "--onecycle-warmup", "1.5"],
+     "onecycle_warmup must be in (0, 1), not 1.5"),
     (["train", "resnet18-lr0.01", "--stem", "cifar-s2", "--pretrained", "imagenet"],
      "pretrained weights exist only for the base architecture"),
     (["train", "resnet18-lr0.01", "--data", "/no/such/data"], "does not exist"),

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from resnet_study import EXPERIMENTS
+from resnet_study import EXPERIMENTS, UsageError
 from resnet_study.config import ExecutionConfig, Experiment, ModelConfig, TrainConfig
 from resnet_study.models import ResNet18
 from resnet_study.training import step as steplib
 from resnet_study.training.assembly import assemble
+from resnet_study.training.step import schedule_table
 
 STEPS_PER_EPOCH = 3
 # The literature's kind of schedule in small: 2 warm-up steps, then the LR x0.2 after epoch 1.
@@ -96,9 +97,10 @@ def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
                 decay_norms_and_biases=False),
     TrainConfig(epochs=2, lr=0.01, optimizer="adam", weight_decay=0.05,
                 decay_norms_and_biases=False),
+    TrainConfig(epochs=2, lr=0.01, nesterov=True, onecycle_warmup=0.1),
 ], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay", "multistep-warmup",
         "adam-value-clip", "adamw-norm-clip", "sgd-weights-decayed-only",
-        "adam-weights-decayed-only"])
+        "adam-weights-decayed-only", "nesterov-short-warmup"])
 def test_graph_ready_step_trains_like_the_eager_step(cfg):
     data = batches(2 * STEPS_PER_EPOCH)
     assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
@@ -133,6 +135,20 @@ def test_graph_ready_step_trains_like_the_eager_step_on_mixed_targets(optimizer,
         soft = torch.nn.functional.one_hot(y, 10).double()
         data.append((x, share * soft + (1 - share) * soft.roll(1, 0)))
     assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
+
+
+@pytest.mark.parametrize("warmup", [0.05, 0.3])
+def test_the_one_cycle_peaks_after_its_warmup_share(warmup):
+    """Issue 31: `onecycle_warmup` is OneCycleLR's pct_start; the LR peaks at that share of the
+    run's steps, and the momentum is at its lowest there."""
+    cfg = TrainConfig(epochs=4, lr=0.1, onecycle_warmup=warmup)
+    table = schedule_table(cfg, 25, torch.device("cpu"), torch.float64)
+    peak = int(table[:, 0].argmax())
+    assert table[peak, 0] == pytest.approx(0.1)
+    assert peak == round(warmup * 100) - 1  # OneCycleLR counts its steps from 0
+    assert int(table[:, 1].argmin()) == peak
+    with pytest.raises(UsageError, match="onecycle_warmup belongs to schedule = onecycle"):
+        TrainConfig(schedule="multistep", onecycle_warmup=warmup + 0.01)
 
 
 def test_a_wrong_momentum_is_caught():

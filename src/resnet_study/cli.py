@@ -207,7 +207,8 @@ def cmd_experiments(args: argparse.Namespace, catalogue: Catalogue) -> int:
 
 def _describe_schedule(t) -> str:
     if t.schedule == "onecycle":
-        return "one-cycle"
+        return "one-cycle" + (f", {t.onecycle_warmup:g} warm-up" if t.onecycle_warmup != 0.3
+                              else "")
     text = f"x{t.gamma:g} at {','.join(map(str, t.milestones))}" if t.milestones else "constant"
     warmup = f", {t.warmup_factor:g}x for {t.warmup_steps} steps" if t.warmup_steps else ""
     return text + warmup

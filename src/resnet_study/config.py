@@ -161,6 +161,9 @@ class TrainConfig:
     # onecycle: the paper's policy (OneCycleLR). multistep: the LR times `gamma` after each epoch
     # in `milestones` (MultiStepLR), after `warmup_steps` batches at `warmup_factor` x LR.
     schedule: Literal["onecycle", "multistep"] = "onecycle"
+    # The share of a one-cycle run that rises to the peak LR (OneCycleLR's pct_start): 0.3 is
+    # PyTorch's default and the paper's; the short-budget literature warms up over far less.
+    onecycle_warmup: float = 0.3
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     warmup_steps: int = 0
@@ -212,6 +215,11 @@ class TrainConfig:
                  f"milestones must be increasing epochs >= 1, not {list(self.milestones)}")
         _require(self.schedule == "multistep" or not (self.milestones or self.warmup_steps),
                  "milestones and warmup_steps belong to schedule = multistep")
+        _require(0 < self.onecycle_warmup < 1,
+                 f"onecycle_warmup must be in (0, 1), not {self.onecycle_warmup}")
+        _require(self.schedule == "onecycle" or self.onecycle_warmup == 0.3,
+                 "onecycle_warmup belongs to schedule = onecycle (multistep warms up with "
+                 "warmup_steps)")
         _require(0 < self.gamma <= 1, f"gamma must be in (0, 1], not {self.gamma}")
         _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, not {self.warmup_steps}")
         _require(0 < self.warmup_factor <= 1,

@@ -65,7 +65,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     lr_scheduler = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
         return lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                       steps_per_epoch=steps_per_epoch)
+                                       steps_per_epoch=steps_per_epoch,
+                                       pct_start=cfg.onecycle_warmup)
     # SequentialLR restarts the second scheduler's count where the warm-up ends.
     warmup = cfg.warmup_steps
     steps = lr_scheduler.MultiStepLR(  # a milestone inside the warm-up applies when it ends
