@@ -29,7 +29,6 @@ class Catalogue:
     """Experiments by name, in the files' order: the presets, then the user's own."""
 
     experiments: Mapping[str, Experiment]
-    files: tuple[Path, ...] = ()  # the user's experiments files, if any
 
     def get(self, name: str) -> Experiment:
         if name not in self.experiments:
@@ -52,7 +51,7 @@ class Catalogue:
         entries = experiment_files.read(list(paths), builtin=self.experiments)
         own = resolve(entries, self.experiments, default_parent=BASE_EXPERIMENT,
                       default_group=OWN_GROUP)
-        return Catalogue(MappingProxyType({**self.experiments, **own}), tuple(paths))
+        return Catalogue(MappingProxyType({**self.experiments, **own}))
 
 
 def resolve(entries: Mapping[str, Entry], known: Mapping[str, Experiment], *,
