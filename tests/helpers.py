@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -270,3 +271,24 @@ def search_command(out: Path, space: Path, *extra: str, epochs: int = 2) -> list
 
 def quiet_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# How a user stops a command, each way with the signal the command says stopped it (None: it
+# is killed and says nothing).
+STOPS = {"SIGTERM": "SIGTERM", "Ctrl-C in its terminal": "SIGINT", "SIGKILL": None}
+
+
+def stop(proc: subprocess.Popen, how: str) -> None:
+    """Stop `proc` `how` a user would (a key of STOPS): Ctrl-C is SIGINT to its whole process
+    group, as a terminal sends it to its foreground group."""
+    if how == "Ctrl-C in its terminal":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, how))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -4,7 +4,6 @@ moment, and failed writes."""
 import csv
 import errno
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import torch
 
 from resnet_study.cli import EXIT_INTERRUPTED, main
 
-from .helpers import TIMINGS
+from .helpers import STOPS, TIMINGS, alive, stop
 
 # Resumed runs are compared with the uninterrupted one exactly, in whatever precision `auto`
 # picks here: with --deterministic a resumed run recomputes the very same steps.
@@ -118,17 +117,6 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_metrics(reference,
     assert len(set(points)) >= 3
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-STOPS = {"SIGTERM to the study": "SIGTERM", "Ctrl-C in its terminal": "SIGINT",
-         "SIGKILL of the study": None}
-
-
 @pytest.mark.slow
 def test_a_study_stopped_each_way_stops_its_workers_and_their_runs_checkpoint(tmp_path):
     """Two workers train two of three runs: stopped by SIGTERM, then (the same command rerun)
@@ -139,7 +127,7 @@ def test_a_study_stopped_each_way_stops_its_workers_and_their_runs_checkpoint(tm
     runs = [out / "resnet18-lr0.01" / f"seed-{seed}" for seed in range(3)]
     command = [sys.executable, "-m", "resnet_study", "study", "resnet18-lr0.01", "--seeds", "3",
                "--devices", "cpu,cpu", "--out", str(out), *TINY[:-4], "--epochs", "100"]
-    for stop, sig in STOPS.items():
+    for how, sig in STOPS.items():
         before = [len(metrics(run)) if (run / "metrics.csv").exists() else 0 for run in runs]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -148,14 +136,9 @@ def test_a_study_stopped_each_way_stops_its_workers_and_their_runs_checkpoint(tm
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.05)
         workers = [int((run / ".lock").read_text().split()[1]) for run in runs[:2]]
-        if stop == "SIGTERM to the study":
-            proc.terminate()
-        elif stop == "Ctrl-C in its terminal":
-            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals its whole foreground group
-        else:
-            proc.kill()
+        stop(proc, how)
         _, err = proc.communicate(timeout=120)  # the workers hold its stderr until they end
-        assert not any(alive(pid) for pid in workers), stop
+        assert not any(alive(pid) for pid in workers), how
         if sig:
             last = err.strip().splitlines()[-1]
             assert proc.returncode == EXIT_INTERRUPTED, err
@@ -164,7 +147,7 @@ def test_a_study_stopped_each_way_stops_its_workers_and_their_runs_checkpoint(tm
         assert err.count(f"stopped by {sig or 'SIGTERM'} in epoch") == 2, err  # one signal each
         for run, done in zip(runs[:2], before, strict=False):
             ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-            assert done < ckpt["epoch"] < 100 and not (run / "summary.json").exists(), stop
+            assert done < ckpt["epoch"] < 100 and not (run / "summary.json").exists(), how
         assert not (runs[2] / "checkpoint.pt").exists()
 
 

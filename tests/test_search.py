@@ -14,31 +14,14 @@ from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
 from resnet_study.search.space import load_space
 
-from .helpers import check_search, search_trials
+from .helpers import SEARCH_SPACE, SEARCH_TINY, check_search, search_trials
 
 EXPERIMENTS, GROUPS, get_experiment = PRESETS.experiments, PRESETS.groups(), PRESETS.get
-
-SPACE = """
-[lr]
-low = 0.005
-high = 0.05
-log = true
-
-[optimizer]
-choices = ["sgd", "adam"]
-
-[nesterov]
-choices = [false, true]
-when = { optimizer = "sgd" }
-"""
-TINY = ["--data", "synthetic", "--subset", "64", "--val-split", "32", "--batch-size", "32",
-        "--device", "cpu", "--quiet"]
-
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("space") / "space.toml"
-    path.write_text(SPACE)
+    path.write_text(SEARCH_SPACE)
     return path
 
 
@@ -54,7 +37,7 @@ def searched(space, tmp_path_factory):
         mp.setattr(epoch, "evaluate", lambda model, loader, amp, **kw: evaluated.append(
             loader.num_images) or evaluate(model, loader, amp, **kw))
         assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                     "--epochs", "2", "--test-subset", "48", *TINY]) == 0
+                     "--epochs", "2", "--test-subset", "48", *SEARCH_TINY]) == 0
     return out, evaluated
 
 
@@ -112,17 +95,17 @@ def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
 def test_a_folder_holding_another_search_is_refused_with_the_difference(searched, space, capsys):
     out, _ = searched
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "3", "--test-subset", "48", *TINY]) == 2
+                 "--epochs", "3", "--test-subset", "48", *SEARCH_TINY]) == 2
     err = capsys.readouterr().err
     assert "holds another search (recipe.train.epochs: 2, not 3)" in err
     assert main(["search", "--out", str(out), "--trials", "4", "--epochs", "2",
-                 "--test-subset", "48", *TINY]) == 2  # the default space, not the file's
+                 "--test-subset", "48", *SEARCH_TINY]) == 2  # the default space, not the file's
     assert "holds another search (space." in capsys.readouterr().err
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "2", "--min-epochs", "2", "--test-subset", "48", *TINY]) == 2
+                 "--epochs", "2", "--min-epochs", "2", "--test-subset", "48", *SEARCH_TINY]) == 2
     assert "holds another search (min_epochs: 1, not 2)" in capsys.readouterr().err
     assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "2", "--test-subset", "48", *TINY, "--device", "cpu",
+                 "--epochs", "2", "--test-subset", "48", *SEARCH_TINY, "--device", "cpu",
                  "--precision", "fp32"]) == 0  # execution settings are no difference
 
 
@@ -138,7 +121,7 @@ def test_a_folder_holding_another_search_is_refused_with_the_difference(searched
     (["--epochs", "2", "--min-epochs", "3"], "--min-epochs must be from 1 to the trials' 2"),
 ])
 def test_bad_search_input_is_one_line(tmp_path, capsys, args, message):
-    assert main(["search", "--out", str(tmp_path / "s"), *TINY, *args]) == 2
+    assert main(["search", "--out", str(tmp_path / "s"), *SEARCH_TINY, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "secret" not in err
 
@@ -161,7 +144,7 @@ def test_a_bad_space_file_is_one_line_naming_the_knob(tmp_path, capsys, text, me
 
     path = tmp_path / "space.toml"
     path.write_text(text)
-    assert main(["search", "--space", str(path), "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert main(["search", "--space", str(path), "--out", str(tmp_path / "s"), *SEARCH_TINY]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.startswith(f"resnet-study: error: {path}: "), err
 
@@ -208,7 +191,7 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
     path.write_text('[width]\nchoices = [2]\n[lr]\nlow = 0.01\nhigh = 0.1')
     out = tmp_path / "s"
     assert main(["search", "--space", str(path), "--out", str(out), "--max-gflop-per-image",
-                 "0.5", "--epochs", "1", *TINY]) == 2
+                 "0.5", "--epochs", "1", *SEARCH_TINY]) == 2
     assert "50 configurations in a row cost more than --max-gflop-per-image 0.5" in (
         capsys.readouterr().err)
     assert not list(out.glob("trials/*/checkpoint.pt"))

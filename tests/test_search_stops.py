@@ -2,8 +2,6 @@
 2` stop both workers' trials with checkpoints, and the same command goes on to exactly the
 trials asked for, as a study does (`test_faults.py`)."""
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from resnet_study.cli import main
 
-from .helpers import SEARCH_SPACE, check_search, quiet_env, search_command
+from .helpers import SEARCH_SPACE, STOPS, alive, check_search, quiet_env, search_command, stop
 
 
 @pytest.fixture
@@ -21,13 +19,6 @@ def space(tmp_path) -> Path:
     path = tmp_path / "space.toml"
     path.write_text(SEARCH_SPACE)
     return path
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def epochs(run: Path) -> int:
@@ -44,14 +35,13 @@ def training(out: Path, before: dict[Path, int]) -> list[Path]:
 
 
 EPOCHS = 8  # enough that each of three invocations stops both trials in the middle
-STOPS = {"SIGTERM to the search": "SIGTERM", "Ctrl-C in its terminal": "SIGINT",
-         "SIGKILL of the search": None}
 
 
-def stop_mid_trial(command: list[str], out: Path, stop: str) -> list[Path]:
-    """Start the search, stop it `stop`'s way once both workers have trained an epoch of their
-    trials, and check what the stop leaves: no worker after 30 s, one line (exit 75) where the
-    search could say it, both trials checkpointed mid-run. Returns their folders."""
+def stop_mid_trial(command: list[str], out: Path, how: str) -> list[Path]:
+    """Start the search, stop it `how` a user would (STOPS) once both workers have trained an
+    epoch of their trials, and check what the stop leaves: no worker after 30 s, one line (exit
+    75) where the search could say it, both trials checkpointed mid-run. Returns their
+    folders."""
     before = {run: epochs(run) for run in out.glob("trials/trial-*")}
     proc = subprocess.Popen(command, env=quiet_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -59,26 +49,21 @@ def stop_mid_trial(command: list[str], out: Path, stop: str) -> list[Path]:
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.02)
     workers = [int((run / ".lock").read_text().split()[1]) for run in training(out, before)]
-    if stop == "SIGTERM to the search":
-        proc.terminate()
-    elif stop == "Ctrl-C in its terminal":
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal signals its whole foreground group
-    else:
-        proc.kill()
+    stop(proc, how)
     _, err = proc.communicate(timeout=60)
     deadline = time.monotonic() + 30
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(alive, workers)), stop
-    if STOPS[stop]:
+    assert not any(map(alive, workers)), how
+    if STOPS[how]:
         assert proc.returncode == 75 and "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
-        assert f"stopped by {STOPS[stop]}" in last and "run the same command again" in last
+        assert f"stopped by {STOPS[how]}" in last and "run the same command again" in last
     stopped = training(out, before)
-    assert len(stopped) == 2, stop  # checkpointed mid-run, no summary
+    assert len(stopped) == 2, how  # checkpointed mid-run, no summary
     for run in stopped:
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-        assert before.get(run, 0) < ckpt["epoch"] == epochs(run) < EPOCHS, stop
+        assert before.get(run, 0) < ckpt["epoch"] == epochs(run) < EPOCHS, how
     return stopped
 
 
@@ -91,7 +76,7 @@ def test_a_search_stopped_each_way_goes_on_to_exactly_its_trials(space, tmp_path
     search per stop cost the suite a minute more."""
     out = tmp_path / "s"
     command = search_command(out, space, "--trials", "2", "--workers", "2", epochs=EPOCHS)
-    stopped = {run for stop in STOPS for run in stop_mid_trial(command, out, stop)}
+    stopped = {run for how in STOPS for run in stop_mid_trial(command, out, how)}
     assert main(command[1:]) == 0  # the same command, in this process
     rows = check_search(out, 2, EPOCHS)
     assert {out / r["run"] for r in rows} == stopped

@@ -153,14 +153,14 @@ class RunFolder:
         return summary if isinstance(summary, dict) else None
 
     def experiment(self) -> Experiment:
-        """The recipe config.json records (UsageError if missing or not a config)."""
-        path = self.path / "config.json"
-        if not path.is_file():
+        """The recipe config.json records, as `read_experiment` reads it, for a command handed
+        the folder (UsageError if it is no run folder, or its config is not one)."""
+        if not (self.path / "config.json").is_file():
             raise UsageError(f"{self.path} is not a run directory (no config.json)")
         try:
-            return _recorded(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError, UsageError) as e:
-            raise UsageError(f"{path}: not a resnet-study config ({e})") from None
+            return self.read_experiment()
+        except Unreadable as e:
+            raise UsageError(f"{self.path}: {e}") from None
 
     def history(self) -> list[dict[str, float]]:
         """metrics.csv's rows as numbers; none where it is missing or damaged."""

@@ -1,10 +1,10 @@
 """The paper's training recipe: one-cycle LR per batch, checkpoints every epoch, exact resume.
 
-`train` (the command) and `execute` (a study's run, a search's trial) restore a run or start
-it, run its epochs (`epoch.run_epoch`) on its `Assembly`, and record it in its `RunFolder`:
-metrics.csv, checkpoint.pt and predictions.npz after every epoch, summary.json (`RunRecord`)
-whatever the outcome. Observers of finished epochs (a study's progress, a search's pruning)
-attach through `observers` and may stop a run cleanly.
+`train` (the command) and `run_in_folder` (a study's run, a search's trial) restore a run or
+start it, run its epochs (`epoch.run_epoch`) on its `Assembly`, and record it in its
+`RunFolder`: metrics.csv, checkpoint.pt and predictions.npz after every epoch, summary.json
+(`RunRecord`) whatever the outcome. Observers of finished epochs (a study's progress, a
+search's pruning) attach through `observers` and may stop a run cleanly.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
 
 
 def run_in_folder(exp: Experiment, folder: RunFolder, *, observers: Sequence[Observer] = (),
-            log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None) -> dict:
     """A study's run or a search's trial, in `folder`, whose lock the caller holds: the one way
     both train. A run another process finished since it was planned is returned as it stands
     (`skipped`), a partial one resumed from its checkpoint, any other started; any failure
