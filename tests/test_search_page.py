@@ -27,7 +27,7 @@ VARYING = {"lr": None, "optimizer": ["sgd", "adam"], "weight_decay": None, "bloc
            "width": [1, 2], "shortcut_kernel": [1, 3], "batch_norm": [True, False],
            "batch_size": [64, 128, 256], "fc_dropout": None, "label_smoothing": None,
            "stem": ["imagenet", "imagenet-nopool"], "mixing": ["none", "mixup"]}
-CONSTANT = {"clipping": ([False, True], False), "ema": ([0.0, 0.99], 0.0),  # never vary
+CONSTANT = {"clipping": ([False, True], False), "ema_horizon": ([0.0, 0.1], 0.0),  # never vary
             "decay_norms_and_biases": ([True, False], True)}
 RANGES = {"lr": (0.001, 0.3, True), "weight_decay": (1e-5, 1e-3, True),
           "fc_dropout": (0.0, 0.5, False), "label_smoothing": (0.0, 0.2, False)}

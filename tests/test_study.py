@@ -240,16 +240,22 @@ def test_a_run_that_fails_in_a_study_keeps_all_that_was_known_of_it(tmp_path, mo
 
 def test_a_config_json_of_an_earlier_version_still_loads(tmp_path):
     """Before execution settings had a section of their own they were under "train", and
-    config.json held no overrides: such a file loads, its label computed from the presets."""
+    config.json held no overrides, and the moving average was a per-step decay (`ema`): such a
+    file loads, its label computed from the presets, unless it used that average."""
     exp = get_experiment("resnet18-adam").replace(epochs=5, device="cpu", eval_batch_size=10)
     now = exp.to_dict()
     assert now["execution"]["device"] == "cpu" and "device" not in now["train"]
     earlier = {k: v for k, v in now.items() if k not in ("execution", "overrides")}
-    earlier["train"] = {**now["train"], **now["execution"]}
+    earlier["train"] = {**now["train"], **now["execution"], "ema": 0.0}
+    del earlier["train"]["ema_horizon"]
     (tmp_path / "config.json").write_text(json.dumps(earlier))
     again = RunFolder(tmp_path).experiment()
     assert again == exp and again.execution.eval_batch_size == 10
     assert again.profile == "custom" and again.overrides() == {"epochs": 5}
+    earlier["train"]["ema"] = 0.999  # a decay per step: no share of the run without its steps
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    with pytest.raises(UsageError, match=r"ema = 0.999 is a decay per step.*ema_horizon = 1 / "):
+        RunFolder(tmp_path).experiment()
 
 
 def test_a_rerun_with_another_recipe_is_refused_not_counted_as_done(tmp_path):

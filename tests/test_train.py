@@ -106,15 +106,23 @@ def test_learns_real_images(tmp_path, standin):
 
 
 def test_the_moving_average_is_what_is_evaluated_and_kept_beside_the_weights(tmp_path):
-    """With --ema the epoch's test figures are the average's, the checkpoint keeps both, and
+    """With --ema-horizon the epoch's test figures are the average's, the checkpoint keeps both, and
     `evaluate`'s and `inspect`'s loader (`load_run`) takes the average."""
-    summary = train(fast(epochs=1, ema=0.5), tmp_path, quiet=True)
+    summary = train(fast(epochs=1, ema_horizon=0.5), tmp_path, quiet=True)
     trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     run = load_run(tmp_path, progress=False)
     loaded = run.model.state_dict()
     assert loaded.keys() == trained.keys()
     assert any(not torch.equal(loaded[k].cpu(), trained[k]) for k in trained)
     assert evaluate(run.model, run.splits.test, run.amp)["top1"] == summary["test_top1"]
+
+
+def test_the_moving_average_reaches_back_the_same_share_of_a_short_and_a_long_run():
+    """Issue 31: a share of the run, not a decay per step, so a trial's horizon is the
+    protocol's; a horizon under one step is the last weights alone."""
+    assert assembly.ema_decay(0.1, 1_000) == pytest.approx(0.99)
+    assert assembly.ema_decay(0.1, 10_000) == pytest.approx(0.999)
+    assert assembly.ema_decay(0.01, 50) == 0.0
 
 
 def test_flips_at_test_time_are_a_column_beside_the_single_view(tmp_path, capsys):
@@ -140,7 +148,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
     weights' moving average, decay on weights only, flips at test time), on a 16x16 stem of
     32 channels, with a short one-cycle warm-up."""
     exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2, mixup=0.4,
-               cutmix=1.0, ema=0.9, decay_norms_and_biases=False, tta=True, channels=32,
+               cutmix=1.0, ema_horizon=0.5, decay_norms_and_biases=False, tta=True, channels=32,
                stem="cifar-s2", onecycle_warmup=0.1)
     full = train(exp, tmp_path / "full", quiet=True)
 

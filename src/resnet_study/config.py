@@ -180,10 +180,12 @@ class TrainConfig:
     # at even odds (data.loader.DeviceLoader).
     mixup: float = 0.0
     cutmix: float = 0.0
-    # Decay per step of an exponential moving average of the weights and batch norm's
-    # statistics (torch.optim.swa_utils; 0 = off): evaluation, `evaluate` and `inspect` use the
-    # average, and the checkpoint keeps it beside the trained weights.
-    ema: float = 0.0
+    # An exponential moving average of the weights and batch norm's statistics
+    # (torch.optim.swa_utils; 0 = off), its horizon a share of the run's steps: 0.1 averages
+    # over about the last tenth, whatever the run's length, so that a search's short trials and
+    # the protocol's long run mean the same by it (a per-step decay would not). Evaluation,
+    # `evaluate` and `inspect` use the average; the checkpoint keeps it beside the weights.
+    ema_horizon: float = 0.0
     # False: no weight decay on batch norm's scales and shifts nor on any bias (every parameter
     # of one dimension), only on convolution and linear weights.
     decay_norms_and_biases: bool = True
@@ -202,8 +204,9 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}")
         _require(0 <= self.label_smoothing < 1,
                  f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
-        _require(0 <= self.ema < 1, f"ema must be in [0, 1) (a decay per step; 0 = off), "
-                                    f"not {self.ema}")
+        _require(0 <= self.ema_horizon <= 1,
+                 f"ema_horizon must be in [0, 1] (a share of the run; 0 = off), not "
+                 f"{self.ema_horizon}")
         for name in ("mixup", "cutmix"):
             _require(getattr(self, name) >= 0,
                      f"{name} must be >= 0 (the Beta distribution's a; 0 = off), not "
@@ -404,6 +407,11 @@ def _sections(d: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(given, dict):
             raise UsageError(f"{section} must be a table of settings, not {given!r}")
         for key, value in given.items():
+            if key == "ema":  # before ema_horizon; every config.json had it, mostly 0
+                _require(value == 0, f"ema = {value} is a decay per step, which this version "
+                         "expresses as ema_horizon, a share of the run: a decay d over a run of "
+                         "S steps is ema_horizon = 1 / ((1 - d) * S)")
+                continue
             values[SECTION_OF.get(key, section)][key] = value
     return {s: _build(SECTIONS[s], v) for s, v in values.items()}
 

@@ -45,7 +45,7 @@ class Assembly:
     steps_per_epoch: int
     log: Callable[[str], None]
     step: Step | None = None  # (x, y, grad_scale) -> loss; set by `assemble`
-    ema: AveragedModel | None = None  # the weights' moving average, with --ema
+    ema: AveragedModel | None = None  # the weights' moving average, with --ema-horizon
 
     @property
     def evaluated(self) -> nn.Module:
@@ -65,6 +65,12 @@ class Assembly:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+
+
+def ema_decay(horizon: float, steps: int) -> float:
+    """The per-step decay whose average reaches back `horizon` of a run of `steps` steps (its
+    time constant, 1 / (1 - decay) steps); 0, the last weights alone, where that is under one."""
+    return max(0.0, 1.0 - 1.0 / (horizon * steps))
 
 
 def _wrap(model: nn.Module, exp: Experiment, device: torch.device, ranks: Ranks) -> nn.Module:
@@ -115,8 +121,9 @@ def assemble(exp: Experiment, *, model: nn.Module | None = None,
         set_rng_state(checkpoint["rng"])
     parts = Assembly(exp, device, amp, ranks, splits, model, _wrap(model, exp, device, ranks),
                      optimizer, scheduler, scaler, steps, log)
-    if cfg.ema:
-        parts.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+    if cfg.ema_horizon:
+        parts.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(
+                                      ema_decay(cfg.ema_horizon, steps * cfg.epochs)),
                                   use_buffers=True)
         if checkpoint is not None:
             parts.ema.load_state_dict(checkpoint["ema"])
