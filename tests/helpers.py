@@ -221,7 +221,8 @@ def search_trials(out: Path) -> list[dict]:
 
 def check_search(out: Path, asked: int, epochs: int) -> list[dict]:
     """The search holds `asked` finished trials with unique numbers, each with a run folder of
-    its own that says what the trial says."""
+    its own (its last rung's) that says what the trial says: a completed trial's finished
+    `epochs`, a pruned one's a shorter complete schedule."""
     rows = search_trials(out)
     done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     assert len(done) == asked, [(r["number"], r["state"], r["outcome"]) for r in rows]
@@ -229,12 +230,13 @@ def check_search(out: Path, asked: int, epochs: int) -> list[dict]:
     assert len({r["run"] for r in done}) == asked
     for r in done:
         summary = json.loads((out / r["run"] / "summary.json").read_text())
-        assert summary["epochs"] == int(r["epochs"])
+        assert summary["status"] == "completed" and summary["epochs"] == int(r["epochs"])
+        assert r["run"].endswith(f"/epochs-{summary['epochs']:03d}")
         if r["state"] == "COMPLETE":
-            assert summary["status"] == "completed" and summary["epochs"] == epochs
+            assert summary["epochs"] == epochs
             assert summary["val_top1"] == pytest.approx(float(r["value"]))
         else:
-            assert summary["status"] == "stopped" and summary["epochs"] < epochs
+            assert summary["epochs"] < epochs
     return rows
 
 

@@ -37,20 +37,45 @@ def searched(space, tmp_path_factory):
         mp.setattr(epoch, "evaluate", lambda model, loader, amp, **kw: evaluated.append(
             loader.num_images) or evaluate(model, loader, amp, **kw))
         assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                     "--epochs", "2", "--test-subset", "48", *SEARCH_TINY]) == 0
+                     "--epochs", "3", "--min-epochs", "1", "--test-subset", "48",
+                     "--pruner", "median", *SEARCH_TINY]) == 0  # 3 trials kept: figures
     return out, evaluated
 
 
 def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_split(searched):
     out, evaluated = searched
     assert evaluated and set(evaluated) == {32}  # the 32 validation images; the test has 48
-    rows = check_search(out, 4, 2)
-    for r in rows:
-        run = out / r["run"]
+    check_search(out, 4, 3)
+    for run in out.glob("trials/trial-*/epochs-*"):
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
         assert "val_top1" in header and not [c for c in header if c.startswith("test_")]
         assert json.loads((run / "config.json").read_text())["execution"]["test_split"] is False
         assert json.loads((run / "summary.json").read_text())["test_top1"] is None
+
+
+def test_each_rung_is_a_complete_schedule_and_the_pruner_sees_only_its_end(searched):
+    """Issue 31, part 1: every trial trains a 1-epoch schedule (its one-cycle over 1 epoch) to
+    its end, reports that run's validation top-1 at step 1, and only the trials the pruner
+    keeps train the 3-epoch schedule, from scratch."""
+    import optuna
+
+    from resnet_study.search.storage import open_storage
+
+    out, _ = searched
+    storage = open_storage(None, out, "s")
+    trials = optuna.load_study(study_name="s", storage=storage.optuna).get_trials()
+    assert len(trials) == 4 and trials[0].state.name == "COMPLETE"  # the first 3 go on
+    for t in trials:
+        short, long = (out / t.user_attrs["run"] / f"epochs-00{e}" for e in (1, 3))
+        metrics = (short / "metrics.csv").read_text().splitlines()
+        assert len(metrics) == 2 and json.loads((short / "summary.json").read_text())[
+            "val_top1"] == t.intermediate_values[1]
+        assert json.loads((short / "config.json").read_text())["train"]["epochs"] == 1
+        assert list(t.intermediate_values) == [1]  # never the 3-epoch run's middle
+        assert long.is_dir() == (t.state.name == "COMPLETE")
+        if long.is_dir():
+            assert (long / "metrics.csv").read_text().count("\n") == 4  # 3 epochs, from 1
+            assert json.loads((long / "config.json").read_text())["train"]["epochs"] == 3
 
 
 def test_the_papers_rows_that_fit_the_space_come_first(searched):
@@ -94,18 +119,19 @@ def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
 
 def test_a_folder_holding_another_search_is_refused_with_the_difference(searched, space, capsys):
     out, _ = searched
-    assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "3", "--test-subset", "48", *SEARCH_TINY]) == 2
+    same = ["--trials", "4", "--test-subset", "48", "--pruner", "median", *SEARCH_TINY]
+    assert main(["search", "--space", str(space), "--out", str(out), "--epochs", "4",
+                 "--min-epochs", "1", *same]) == 2
     err = capsys.readouterr().err
-    assert "holds another search (recipe.train.epochs: 2, not 3)" in err
-    assert main(["search", "--out", str(out), "--trials", "4", "--epochs", "2",
-                 "--test-subset", "48", *SEARCH_TINY]) == 2  # the default space, not the file's
+    assert "holds another search (recipe.train.epochs: 3, not 4)" in err
+    assert main(["search", "--out", str(out), "--epochs", "3", "--min-epochs", "1",
+                 *same]) == 2  # the default space, not the file's
     assert "holds another search (space." in capsys.readouterr().err
-    assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "2", "--min-epochs", "2", "--test-subset", "48", *SEARCH_TINY]) == 2
-    assert "holds another search (min_epochs: 1, not 2)" in capsys.readouterr().err
-    assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
-                 "--epochs", "2", "--test-subset", "48", *SEARCH_TINY, "--device", "cpu",
+    assert main(["search", "--space", str(space), "--out", str(out), "--epochs", "3",
+                 *same]) == 2  # --min-epochs: 3 by default
+    assert "holds another search (min_epochs: 1, not 3)" in capsys.readouterr().err
+    assert main(["search", "--space", str(space), "--out", str(out), "--epochs", "3",
+                 "--min-epochs", "1", *same, "--device", "cpu",
                  "--precision", "fp32"]) == 0  # execution settings are no difference
 
 
@@ -149,30 +175,43 @@ def test_a_bad_space_file_is_one_line_naming_the_knob(tmp_path, capsys, text, me
     assert re.search(message, err) and err.startswith(f"resnet-study: error: {path}: "), err
 
 
-@pytest.mark.parametrize("pruner", ["hyperband", "median"])
-def test_no_trial_is_pruned_before_min_epochs(pruner):
-    """Trials that are the worst by far at every epoch: a pruner stops them, but never before
-    the epochs every trial is owed."""
+@pytest.mark.parametrize("pruner", ["halving", "median"])
+def test_the_pruner_stops_trials_at_a_rungs_end_and_keeps_the_best(pruner):
+    """Trials that are the worst by far at the end of the first rung (3 epochs) are stopped
+    there; the good ones go on to the 9-epoch rung and are never stopped."""
     import optuna
 
     from resnet_study.search.trials import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, 9, 4),
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, 3),
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    stopped = []
+    stopped = {}
 
     def objective(trial):
-        good = trial.number < 4  # the first ones set the bar
-        for epoch in range(1, 10):
-            trial.report((0.9 if good else 0.1) + epoch / 100, epoch)
+        good = trial.number < 4 or trial.number % 4 == 0
+        for epochs in (3, 9):
+            trial.report((0.9 if good else 0.1) + trial.number / 1000, epochs)
             if trial.should_prune():
-                stopped.append(epoch)
+                stopped[trial.number] = epochs
                 raise optuna.TrialPruned()
         return 0.9 if good else 0.1
 
-    study.optimize(objective, n_trials=12)
-    assert stopped and min(stopped) >= 4, stopped
+    study.optimize(objective, n_trials=16)
+    bad = {n for n in range(16) if n >= 4 and n % 4}
+    assert set(stopped) <= bad and len(stopped) >= len(bad) - 2, stopped
+    assert set(stopped.values()) == {3}
+
+
+@pytest.mark.parametrize("pruner, min_epochs, epochs, rungs", [
+    ("halving", 3, 25, (3, 9, 25)), ("halving", 1, 10, (1, 3, 10)), ("median", 1, 2, (1, 2)),
+    ("halving", 3, 3, (3,)), ("none", 3, 25, (25,))])
+def test_the_rungs_grow_3x_up_to_the_searched_epochs(pruner, min_epochs, epochs, rungs):
+    from resnet_study.search.trials import Search
+
+    search = Search(out=Path("s"), base=get_experiment("resnet18-lr0.01").replace(epochs=epochs),
+                    space=None, fixed={}, trials=1, pruner=pruner, min_epochs=min_epochs)
+    assert search.rungs == rungs
 
 
 def test_every_paper_row_but_the_pretrained_one_fits_the_default_space():
@@ -194,7 +233,7 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
                  "0.5", "--epochs", "1", *SEARCH_TINY]) == 2
     assert "50 configurations in a row cost more than --max-gflop-per-image 0.5" in (
         capsys.readouterr().err)
-    assert not list(out.glob("trials/*/checkpoint.pt"))
+    assert not list(out.glob("trials/**/checkpoint.pt"))
 
 
 @pytest.mark.parametrize("name", ["resnet18-adam", "improved-resnet18", "mine", "nesterov"])

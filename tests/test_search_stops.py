@@ -30,7 +30,7 @@ def epochs(run: Path) -> int:
 
 def training(out: Path, before: dict[Path, int]) -> list[Path]:
     """The trial folders whose runs trained an epoch since `before` and are not finished."""
-    return [run for run in out.glob("trials/trial-*")
+    return [run for run in out.glob("trials/trial-*/epochs-*")
             if epochs(run) > before.get(run, 0) and not (run / "summary.json").exists()]
 
 
@@ -42,7 +42,7 @@ def stop_mid_trial(command: list[str], out: Path, how: str) -> list[Path]:
     epoch of their trials, and check what the stop leaves: no worker after 30 s, one line (exit
     75) where the search could say it, both trials checkpointed mid-run. Returns their
     folders."""
-    before = {run: epochs(run) for run in out.glob("trials/trial-*")}
+    before = {run: epochs(run) for run in out.glob("trials/trial-*/epochs-*")}
     proc = subprocess.Popen(command, env=quiet_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while len(training(out, before)) < 2:

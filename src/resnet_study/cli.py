@@ -127,10 +127,13 @@ def _add_search(sub) -> None:
                    "the search between machines (default: a journal file in --out)")
     p.add_argument("--study-name", help="the Optuna study's name (default: --out's name); the "
                    "same on every machine of one search")
-    p.add_argument("--pruner", choices=["hyperband", "median", "none"], default="hyperband")
-    p.add_argument("--min-epochs", type=int, default=1,
-                   help="the epochs every trial trains before the pruner may stop it (more for "
-                        "regularisers, which lower early accuracy by design)")
+    p.add_argument("--pruner", choices=["halving", "median", "none"], default="halving",
+                   help="judges each trial at the end of a complete schedule: halving keeps the "
+                        "best third for a 3x longer one (min-epochs x 3^k, then --epochs); "
+                        "none trains every trial's --epochs")
+    p.add_argument("--min-epochs", type=int,
+                   help="the first, shortest complete schedule (default: 3, or --epochs if "
+                        "fewer)")
     p.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
     p.add_argument("--max-gflop-per-image", type=float,
                    help="never train a configuration costing more training GFLOP per image")
@@ -324,15 +327,16 @@ def cmd_search(args: argparse.Namespace, catalogue: Catalogue) -> int:
         raise UsageError("--max-gflop-per-image must be > 0")
     base = catalogue.get(args.experiment).replace(
         **{"val_split": 5000, **overrides, "test_split": False})
-    if not 1 <= args.min_epochs <= base.train.epochs:
+    min_epochs = min(3, base.train.epochs) if args.min_epochs is None else args.min_epochs
+    if not 1 <= min_epochs <= base.train.epochs:
         raise UsageError(f"--min-epochs must be from 1 to the trials' {base.train.epochs} "
-                         f"epochs, not {args.min_epochs}")
+                         f"epochs, not {min_epochs}")
     fixed = {k: v for k, v in overrides.items()
              if SECTION_OF[k] in RECIPE_SECTIONS and k not in FIDELITY | EXECUTION_FIELDS}
     space = load_space(args.space, base).without(fixed)
     search = Search(out=args.out, base=base, space=space, fixed=fixed, trials=args.trials,
                     timeout=args.timeout, max_gflop=args.max_gflop_per_image,
-                    pruner=args.pruner, min_epochs=args.min_epochs, sampler=args.sampler,
+                    pruner=args.pruner, min_epochs=min_epochs, sampler=args.sampler,
                     storage=args.storage, name=args.study_name or args.out.resolve().name)
     print(json.dumps(run_search(search, args.workers, args.quiet)))
     return 0

@@ -36,8 +36,9 @@ FIGURES = {  # name: (Optuna's figure, caption)
                     "evaluator, PED-ANOVA) for the validation top-1, over the completed trials."),
     "parallel": (vis.plot_parallel_coordinate, "Parallel coordinates: each completed trial's "
                  "knobs and its validation top-1."),
-    "intermediate": (vis.plot_intermediate_values, "Validation top-1 after each epoch, per "
-                     "trial: where the pruner stopped the pruned ones."),
+    "intermediate": (vis.plot_intermediate_values, "Validation top-1 at the end of each "
+                     "rung's complete schedule (its epochs on the axis), per trial: where the "
+                     "pruner stopped the pruned ones."),
 }
 _MAX_PARALLEL = 8  # knobs the parallel coordinates can show and still be read
 _MIN_RANKED = 10  # completed trials below which the knobs are not ranked
@@ -78,7 +79,13 @@ def _row(search: Search, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "seconds": t.user_attrs.get("seconds"),
             "gflop_per_image": t.user_attrs.get("gflop_per_image"),
             "outcome": outcome(t), "paper_row": t.user_attrs.get("paper_row"),
-            "retry_of": retried, "run": t.user_attrs.get("run"), **t.params}
+            "retry_of": retried, "run": t.user_attrs.get("rung", t.user_attrs.get("run")),
+            **t.params}
+
+
+def _epochs(rungs: tuple[int, ...]) -> str:
+    """3, 9 then 25."""
+    return " then ".join(filter(None, [", ".join(map(str, rungs[:-1])), str(rungs[-1])]))
 
 
 def _figures(study: optuna.Study, out: Path) -> tuple[list[Figure], list[str]]:
@@ -226,10 +233,11 @@ def _page(search: Search, rows: list[dict], best, figures: list[Figure], notes: 
              f"<h1>{e(title)}</h1>",
              f"<p>Folder <code>{e(str(search.out))}</code>. "
              f"Objective: {e(OBJECTIVE)}, on {d.val_split:,} images held out of the training "
-             f"set of <b>{e(images.name)}</b>; {search.base.train.epochs} epochs on "
-             f"{f'{d.subset:,}' if d.subset else 'all the remaining'} training images per trial. "
-             f"Sampler {e(search.sampler)}, pruner {e(search.pruner)}"
-             + (f" (from epoch {search.min_epochs})" if search.pruner != "none" else "")
+             f"set of <b>{e(images.name)}</b>; complete one-cycle schedules of "
+             f"{_epochs(search.rungs)} epochs on "
+             f"{f'{d.subset:,}' if d.subset else 'all the remaining'} training images, each "
+             f"trial judged at the end of each. Sampler {e(search.sampler)}, pruner "
+             f"{e(search.pruner)}"
              + f"; searched experiment "
              f"{e(search.base.name)}"
              + (f"; at most {search.max_gflop:g} training GFLOP per image" if search.max_gflop

@@ -1,15 +1,20 @@
 """A search's trials: what a search is (`Search`), its Optuna study, and the loop of one worker.
 
-Each trial is a run folder (`trials/trial-NNNN`) trained by `training.train` with the test split
-switched off: it reports its validation top-1 to Optuna after every epoch, and Optuna's pruner
-may stop it there. A trial that dies is queued again with its parameters and its folder, and
-resumes from the folder's checkpoint.
+A trial is successive halving over complete schedules (issue 31). It trains the one-cycle run
+of its first rung (`--min-epochs`) from scratch to its end, in a run folder of its own
+(`trials/trial-NNNN/epochs-003`), with the test split switched off, and reports that run's
+validation top-1 to Optuna; if the pruner keeps it, it trains the next rung's complete run
+(3x the epochs), and so on up to `--epochs`. No trial is judged in the middle of its LR
+schedule, where a regulariser (mixup, an EMA) has cost accuracy and not yet paid it back. A
+trial that dies is queued again with its parameters and its folder: its finished rungs stand,
+and the rung it was in resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 import warnings
@@ -31,11 +36,12 @@ from ..data.store import load_images
 from ..models import training_flops
 from ..training.epoch import StopSignal
 from ..training.run_folder import RunFolder
-from ..training.train import Stop, run_in_folder
+from ..training.train import run_in_folder
 from .space import Space
 from .storage import Claim, Storage, open_storage
 
-OBJECTIVE = "validation top-1 after the last epoch (maximised)"
+OBJECTIVE = "validation top-1 at the end of the longest schedule (maximised)"
+REDUCTION = 3  # each rung's schedule is 3x the last's; a third of its trials go on to the next
 # Trials that spend the budget (`--trials`); a dead trial's retry counts in its place, and a
 # configuration over --max-gflop-per-image is never trained, so it counts for nothing.
 COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
@@ -53,8 +59,8 @@ class Search:
     trials: int
     timeout: float | None = None  # seconds after which no new trial starts
     max_gflop: float | None = None  # training GFLOP per image
-    pruner: str = "hyperband"
-    min_epochs: int = 1  # the epochs every trial trains before the pruner may stop it
+    pruner: str = "halving"
+    min_epochs: int = 3  # the first rung's complete schedule
     sampler: str = "tpe"
     storage: str | None = None  # None: the journal file in `out`
     name: str = "search"  # the Optuna study's name
@@ -68,7 +74,20 @@ class Search:
             "data": self.base.data.data, "max_gflop_per_image": self.max_gflop,
             "pruner": self.pruner, "min_epochs": self.min_epochs, "sampler": self.sampler}))
 
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        """The epochs of each complete schedule a trial may train: `min_epochs` x 3^k while
+        that is at most half of `epochs`, then `epochs` (3, 9, 25 for 3 and 25); one rung,
+        `epochs`, without a pruner."""
+        epochs = self.base.train.epochs
+        if self.pruner == "none":
+            return (epochs,)
+        lower = itertools.takewhile(lambda e: e <= epochs / 2,
+                                    (self.min_epochs * REDUCTION**k for k in itertools.count()))
+        return (*lower, epochs)
+
     def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> RunFolder:
+        """The trial's folder, held while it runs: its rungs' run folders are inside it."""
         return RunFolder(self.out / trial.user_attrs.get("run",
                                                          f"trials/trial-{trial.number:04d}"))
 
@@ -102,15 +121,17 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True)
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int) -> optuna.pruners.BasePruner:
-    """A regulariser (mixup, an EMA, dropout) lowers the first epochs' validation accuracy by
-    design: a search of them needs a `min_epochs` that lets them show what they do."""
-    if name == "median":  # it may stop a trial from the step its warm-up ends on
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min_epochs)
+def make_pruner(name: str, min_epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner, asked only at the end of a rung's complete schedule, with the rung's epochs
+    as the step: halving keeps the best third of the trials that reached a rung (Optuna's
+    asynchronous successive halving, whose rungs are min_epochs x 3^k); median, those at least
+    as good as the median there."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs,
-                                          reduction_factor=3)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs,
+                                                  reduction_factor=REDUCTION)
 
 
 def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
@@ -123,7 +144,7 @@ def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
         study = optuna.create_study(
             study_name=search.name, storage=storage.optuna, direction="maximize",
             sampler=make_sampler(search.sampler),
-            pruner=make_pruner(search.pruner, search.base.train.epochs, search.min_epochs),
+            pruner=make_pruner(search.pruner, search.min_epochs),
             load_if_exists=True)
         stored = study.user_attrs.get("definition")
         if stored is None:
@@ -176,8 +197,8 @@ class NotTrained(Exception):
 
 
 class Objective:
-    """One trial: its run folder held, the claim released, its knobs drawn, and its run trained
-    (or resumed), reporting each epoch's validation top-1. The folder stays held in `held`
+    """One trial: its folder held, the claim released, its knobs drawn, and its rungs trained
+    (or resumed) until the pruner stops it or the last is done. The folder stays held in `held`
     until the caller closes it, after Optuna has been told the trial's end: a trial whose folder
     is free is taken for dead, and one freed before it was told was failed by another worker
     while it finished (Optuna then refused the finished trial's result)."""
@@ -206,33 +227,33 @@ class Objective:
         if search.max_gflop and gflop > search.max_gflop:
             return self._end(trial, f"over budget: {gflop:.3f} GFLOP per image, more than "
                                     f"--max-gflop-per-image {search.max_gflop:g}; not trained")
-        for row in folder.history():  # a retried trial: the epochs its folder has
-            trial.report(row["val_top1"], int(row["epoch"]))
-
-        def observe(exp: Experiment, row: dict) -> Stop | None:
-            trial.report(row["val_top1"], int(row["epoch"]))
+        seconds = 0.0
+        for epochs in search.rungs:
+            summary = self._rung(trial, folder, exp.replace(epochs=epochs))
+            seconds += summary.get("train_seconds") or 0.0
+            trial.set_user_attr("epochs", summary.get("epochs"))
+            trial.set_user_attr("seconds", seconds)  # all its rungs, resumed or not
+            if summary["status"] == "failed":  # out of memory, say: this trial, not the search
+                return self._end(trial, f"failed: {summary.get('error', 'no reason recorded')}")
+            if summary["status"] != "completed":
+                return self._end(trial, f"diverged in epoch {summary.get('diverged_epoch')} of "
+                                        f"its {epochs}-epoch schedule")
+            if epochs == search.rungs[-1]:
+                break
+            trial.report(summary["val_top1"], epochs)
             if trial.should_prune():
-                return Stop(f"pruned by the {search.pruner} pruner after epoch {row['epoch']}")
-            return None
-
-        with folder.log_lines() as log:  # the trial's lines, in its folder
-            summary = run_in_folder(exp, folder, observers=[observe], log=log)
-        if summary["status"] == "failed":  # out of memory, say: this trial, not the search
-            return self._end(trial, f"failed: {summary.get('error', 'no reason recorded')}")
-        trial.set_user_attr("epochs", summary["epochs"])
-        trial.set_user_attr("seconds", summary["train_seconds"])  # all its epochs, resumed or not
-        if summary["status"] == "stopped":  # pruned now, or pruned and killed before told
-            return self._pruned(trial, summary)
-        if summary["status"] != "completed":
-            return self._end(trial, f"diverged in epoch {summary.get('diverged_epoch')}")
+                trial.set_user_attr("outcome", f"pruned after its {epochs}-epoch schedule")
+                raise optuna.TrialPruned(f"pruned by the {search.pruner} pruner")
         trial.set_user_attr("outcome", "completed")
         return float(summary["val_top1"])
 
-    @staticmethod
-    def _pruned(trial: optuna.Trial, summary: dict) -> float:
-        trial.set_user_attr("epochs", summary["epochs"])
-        trial.set_user_attr("outcome", f"pruned after epoch {summary['epochs']}")
-        raise optuna.TrialPruned(summary.get("stop_reason"))
+    def _rung(self, trial: optuna.Trial, folder: RunFolder, exp: Experiment) -> dict:
+        """One rung's complete schedule, in its own run folder inside the trial's: trained,
+        resumed, or read back where a retried trial had finished it."""
+        rung = RunFolder(folder.path / f"epochs-{exp.train.epochs:03d}")
+        trial.set_user_attr("rung", str(rung.path.relative_to(self.search.out)))
+        with rung.hold(), rung.log_lines() as log:  # the rung's lines, in its folder
+            return run_in_folder(exp, rung, log=log)
 
     @staticmethod
     def _end(trial: optuna.Trial, what: str) -> float:
