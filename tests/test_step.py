@@ -97,13 +97,35 @@ def assert_same_training(a, b, rtol=1e-9, atol=1e-12):
                 decay_norms_and_biases=False),
     TrainConfig(epochs=2, lr=0.01, optimizer="adam", weight_decay=0.05,
                 decay_norms_and_biases=False),
-    TrainConfig(epochs=2, lr=0.01, nesterov=True, onecycle_warmup=0.1),
+    TrainConfig(epochs=2, lr=0.01, nesterov=True, onecycle_warmup=0.1, bias_lr_scale=16.0,
+                decay_norms_and_biases=False),
+    TrainConfig(epochs=2, lr=0.01, optimizer="adamw", weight_decay=0.05, bias_lr_scale=8.0),
+    TrainConfig(epochs=2, lr=0.01, optimizer="adam", bias_lr_scale=4.0),
 ], ids=["paper", "nesterov-norm-clip-smoothing", "value-clip-no-decay", "multistep-warmup",
         "adam-value-clip", "adamw-norm-clip", "sgd-weights-decayed-only",
-        "adam-weights-decayed-only", "nesterov-short-warmup"])
+        "adam-weights-decayed-only", "nesterov-short-warmup-fast-biases",
+        "adamw-fast-decayed-biases", "adam-fast-biases"])
 def test_graph_ready_step_trains_like_the_eager_step(cfg):
     data = batches(2 * STEPS_PER_EPOCH)
     assert_same_training(eager_run(cfg, data), graph_ready_run(cfg, data))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "multistep"])
+def test_every_bias_trains_at_its_multiple_of_the_weights_lr(schedule):
+    """Issue 31: batch norm's shifts and the classifier's bias at `bias_lr_scale` x the LR on
+    every step (the one-cycle's peak too); the weights and batch norm's scales at the LR."""
+    cfg = TrainConfig(epochs=2, lr=0.01, bias_lr_scale=64.0, schedule=schedule,
+                      **({"milestones": (1,)} if schedule == "multistep" else {}))
+    parts = setup(cfg)
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    fast = [g for g in parts.optimizer.param_groups if g["lr_scale"] != 1.0]
+    assert len(fast) == 1 and {names[id(p)] for p in fast[0]["params"]} == {
+        n for n in names.values() if n.endswith("bias")}
+    assert "bn1.weight" in {names[id(p)] for p in parts.optimizer.param_groups[0]["params"]}
+    for _ in range(2 * STEPS_PER_EPOCH):
+        assert fast[0]["lr"] == pytest.approx(64 * parts.optimizer.param_groups[0]["lr"])
+        parts.optimizer.step()
+        parts.scheduler.step()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -146,10 +146,10 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
     """Exact in either precision: a resumed run redoes what the uninterrupted one did, with
     every option that draws or keeps state of its own on (dropout, mixup and CutMix, the
     weights' moving average, decay on weights only, flips at test time), on a 16x16 stem of
-    32 channels, with a short one-cycle warm-up."""
+    32 channels, with a short one-cycle warm-up and biases at 4x the LR."""
     exp = fast(epochs=3, deterministic=True, block_dropout=0.1, fc_dropout=0.2, mixup=0.4,
                cutmix=1.0, ema_horizon=0.5, decay_norms_and_biases=False, tta=True, channels=32,
-               stem="cifar-s2", onecycle_warmup=0.1)
+               stem="cifar-s2", onecycle_warmup=0.1, bias_lr_scale=4.0)
     full = train(exp, tmp_path / "full", quiet=True)
 
     def crash_after_second_epoch(exp, row):  # its checkpoint written, the third not begun

@@ -189,6 +189,10 @@ class TrainConfig:
     # False: no weight decay on batch norm's scales and shifts nor on any bias (every parameter
     # of one dimension), only on convolution and linear weights.
     decay_norms_and_biases: bool = True
+    # The LR of every bias (batch norm's shifts, the classifier's bias) as a multiple of the
+    # weights' (its one-cycle peak, and every step after): the short-budget CIFAR literature
+    # (airbench) trains batch norm's biases at a far higher LR than the weights.
+    bias_lr_scale: float = 1.0
     # Also test each image with its mirror image, the two softmaxes averaged: test_top1_tta,
     # beside the protocol's single view (test_top1), never in its place.
     tta: bool = False
@@ -204,6 +208,8 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}")
         _require(0 <= self.label_smoothing < 1,
                  f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        _require(self.bias_lr_scale > 0,
+                 f"bias_lr_scale must be > 0, not {self.bias_lr_scale}")
         _require(0 <= self.ema_horizon <= 1,
                  f"ema_horizon must be in [0, 1] (a share of the run; 0 = off), not "
                  f"{self.ema_horizon}")

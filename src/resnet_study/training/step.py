@@ -35,14 +35,19 @@ Step = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, y, gra
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """One group, or, without decay on norms and biases, the weights (decayed) and every
-    parameter of one dimension (batch norm's scales and shifts, biases; not decayed)."""
-    if cfg.decay_norms_and_biases:
-        return [{"params": list(model.parameters())}]
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim > 1]},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    """The parameters grouped by how they train: weight decay (on all, or, without decay on
+    norms and biases, on the weights alone: not on batch norm's scales and shifts nor on any
+    bias) and LR (`bias_lr_scale` x the weights' for every bias). The weights' group comes
+    first; its LR is the run's. Each group keeps its `lr_scale` for the scheduler."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        decayed = cfg.decay_norms_and_biases or p.ndim > 1
+        scale = cfg.bias_lr_scale if name.endswith("bias") else 1.0
+        groups.setdefault((decayed, scale), []).append(p)
+    ordered = sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0))
+    return [{"params": params, "lr": cfg.lr * scale, "lr_scale": scale,
+             **({} if decayed else {"weight_decay": 0.0})}
+            for (decayed, scale), params in ordered]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -64,7 +69,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     literature's step schedules), after `warmup_steps` batches at `warmup_factor` x LR."""
     lr_scheduler = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
-        return lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=[cfg.lr * g["lr_scale"] for g in
+                                                          optimizer.param_groups],
+                                       epochs=cfg.epochs,
                                        steps_per_epoch=steps_per_epoch,
                                        pct_start=cfg.onecycle_warmup)
     # SequentialLR restarts the second scheduler's count where the warm-up ends.
@@ -159,12 +166,13 @@ class GraphStep:
         self.parts = parts
         self.model, self.optimizer, self.scheduler = parts.model, parts.optimizer, parts.scheduler
         self.cfg, self.amp, self.log = parts.experiment.train, parts.amp, parts.log
-        owned = [(p, bool(g["weight_decay"])) for g in self.optimizer.param_groups
-                 for p in g["params"]]
-        self.params = [p for p, _ in owned]
+        owned = [(p, bool(g["weight_decay"]), g.get("lr_scale", 1.0))
+                 for g in self.optimizer.param_groups for p in g["params"]]
+        self.params = [p for p, _, _ in owned]
         # Positions in `params` of those the optimiser decays (all, unless norms and biases
-        # are left out).
-        self.decayed = [i for i, (_, decays) in enumerate(owned) if decays]
+        # are left out), and of those whose LR is `bias_lr_scale` x the table's.
+        self.decayed = [i for i, (_, decays, _) in enumerate(owned) if decays]
+        self.scaled = [i for i, (_, _, scale) in enumerate(owned) if scale != 1.0]
         self.device = self.params[0].device
         self.table = schedule_table(self.cfg, parts.steps_per_epoch, self.device,
                                     self.params[0].dtype)
@@ -248,7 +256,14 @@ class GraphStep:
             grads = torch._foreach_add(grads, torch._foreach_mul(bufs, momentum))
         else:
             grads = bufs
-        torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+        torch._foreach_sub_(params, self._scale(torch._foreach_mul(grads, lr)))
+
+    def _scale(self, updates: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The updates, those of the biases (new tensors each) times `bias_lr_scale`: their LR
+        is that multiple of the table's, as torch.optim's group LR makes it."""
+        if self.scaled:
+            torch._foreach_mul_([updates[i] for i in self.scaled], self.cfg.bias_lr_scale)
+        return updates
 
     def _adam_update(self, lr: torch.Tensor, beta1: torch.Tensor, step_size: torch.Tensor,
                      bias_correction2_sqrt: torch.Tensor, decay: torch.Tensor) -> None:
@@ -259,7 +274,12 @@ class GraphStep:
         exp_avgs = [s["exp_avg"] for s in state]
         exp_avg_sqs = [s["exp_avg_sq"] for s in state]
         if cfg.optimizer == "adamw" and cfg.weight_decay and self.decayed:
-            torch._foreach_mul_([params[i] for i in self.decayed], decay)
+            scaled = set(self.scaled)  # their decay is 1 - scale x LR x weight decay
+            for factor, where in ((decay, [i for i in self.decayed if i not in scaled]),
+                                  (1 - cfg.bias_lr_scale * (1 - decay),
+                                   [i for i in self.decayed if i in scaled])):
+                if where:
+                    torch._foreach_mul_([params[i] for i in where], factor)
         elif cfg.optimizer == "adam":
             grads = self._decay(grads)
         torch._foreach_lerp_(exp_avgs, grads, [1 - beta1] * len(grads))
@@ -271,7 +291,7 @@ class GraphStep:
         torch._foreach_add_(denom, group["eps"])
         update = torch._foreach_div(exp_avgs, denom)
         torch._foreach_mul_(update, step_size)
-        torch._foreach_sub_(params, update)
+        torch._foreach_sub_(params, self._scale(update))
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.warmup -= 1
