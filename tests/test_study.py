@@ -17,6 +17,7 @@ from resnet_study.study import (
     run_study,
     runs_that_fit,
 )
+from resnet_study.training.callbacks import OnEpoch
 from resnet_study.training.run_folder import RunFolder
 from resnet_study.training.train import train
 
@@ -82,7 +83,7 @@ def test_interrupted_run_is_resumed_not_counted(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(run.experiment, run.out, quiet=True, observers=[killed_after_first_epoch])
+        train(run.experiment, run.out, quiet=True, callbacks=[OnEpoch(killed_after_first_epoch)])
     assert run.folder.state() == "partial"
     lines = []
     assert run_study([run], log=lines.append)["completed"] == [run.label]

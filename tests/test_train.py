@@ -11,10 +11,11 @@ from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
 from resnet_study.training import assembly
 from resnet_study.training import train as trainlib
+from resnet_study.training.callbacks import OnEpoch, Stop
 from resnet_study.training.checkpoint import load_run
 from resnet_study.training.epoch import evaluate
 from resnet_study.training.run_folder import GIT_COMMIT, git_commit
-from resnet_study.training.train import Stop, train
+from resnet_study.training.train import train
 
 from .helpers import read_metrics, without_timings
 
@@ -157,7 +158,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, auto_precision):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(exp, tmp_path / "cut", quiet=True, observers=[crash_after_second_epoch])
+        train(exp, tmp_path / "cut", quiet=True, callbacks=[OnEpoch(crash_after_second_epoch)])
     assert len(read_metrics(tmp_path / "cut")) == 2
     resumed = train(exp, tmp_path / "cut", resume=True, quiet=True)
 
@@ -276,7 +277,7 @@ def test_an_observer_stops_a_run_cleanly_and_the_folder_says_why(tmp_path):
         seen.append(row["epoch"])
         return Stop("validation top-1 did not improve") if row["epoch"] == 1 else None
 
-    summary = train(fast(epochs=3), tmp_path, quiet=True, observers=[plateau])
+    summary = train(fast(epochs=3), tmp_path, quiet=True, callbacks=[OnEpoch(plateau)])
     assert seen == [1]
     assert summary["status"] == "stopped" and summary["epochs"] == 1
     assert summary["stop_reason"] == "validation top-1 did not improve"

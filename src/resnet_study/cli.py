@@ -239,9 +239,12 @@ def _describe_model(exp: Experiment) -> str:
 
 def cmd_train(args: argparse.Namespace, catalogue: Catalogue) -> int:
     exp = experiment_from_args(args, catalogue)
+    from .training.trackers import Tracking, check
     from .training.train import EXIT_DIVERGED, train
 
     out = args.out or Path("runs") / exp.name / f"seed-{exp.train.seed}"
+    if os.environ.get("RANK", "0") == "0":  # torchrun ends the other ranks if rank 0 exits
+        check(exp.execution.log, Tracking.of_run(out, exp))
     summary = train(exp, out, resume=args.resume, quiet=args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         print(json.dumps({k: summary[k] for k in ("experiment", "status", "test_top1",

@@ -258,11 +258,18 @@ class ExecutionConfig:
     # Evaluate on the test split after each epoch. A search's trials never do: they are chosen
     # on a validation split, and the test split is kept for reporting.
     test_split: bool = True
+    # The experiment trackers each run writes to beside its folder (training.trackers):
+    # tensorboard (where the optional extra is installed), mlflow; `none` for neither.
+    log: tuple[str, ...] = field(default=("tensorboard",), metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(self.eval_batch_size > 0,
                  f"eval_batch_size must be > 0, not {self.eval_batch_size}")
+        object.__setattr__(self, "log", tuple(dict.fromkeys(t for t in self.log if t != "none")))
+        unknown = [t for t in self.log if t not in ("tensorboard", "mlflow")]
+        _require(not unknown, f"log takes tensorboard, mlflow or none, not "
+                              f"{', '.join(map(str, unknown))}")
 
 
 @dataclass(frozen=True)

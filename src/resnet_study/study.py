@@ -24,8 +24,11 @@ from .data.store import load_images
 from .files import FolderHeld
 from .models import network, training_flops
 from .training.assembly import assemble
+from .training.callbacks import OnEpoch
 from .training.device import resolve_device
 from .training.run_folder import FINAL, RunFolder
+from .training.trackers import Tracking
+from .training.trackers import check as check_trackers
 from .training.train import run_in_folder
 from .workers import Worker, run_jobs
 
@@ -50,6 +53,11 @@ class Run:
     @property
     def folder(self) -> RunFolder:
         return RunFolder(self.out)
+
+    @property
+    def tracking(self) -> Tracking:
+        """A run of the MLflow experiment named after the study's folder."""
+        return Tracking.of(self.out.parent.parent, self.label)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -104,10 +112,10 @@ def execute(run: Run, device: str | None = None,
     several processes on one study share its runs: one that another process holds is left to
     it (status `held`)."""
     exp = run.experiment if device is None else run.experiment.replace(device=device)
-    observers = [] if on_epoch is None else [lambda exp, row: on_epoch(run, row)]
+    callbacks = [] if on_epoch is None else [OnEpoch(lambda exp, row: on_epoch(run, row))]
     try:
         with run.folder.hold():
-            return run_in_folder(exp, run.folder, observers=observers)
+            return run_in_folder(exp, run.folder, callbacks=callbacks, tracking=run.tracking)
     except FolderHeld as e:
         return {"status": "held", "error": e.holder}
 
@@ -115,7 +123,8 @@ def execute(run: Run, device: str | None = None,
 def prepare(runs: list[Run], root: Path,
             devices: list[str] | None) -> tuple[dict[str, ImageSet], bool]:
     """Resolve, once and before any run starts, what every run needs: its devices, its data
-    (download, md5 check, decode, cache) and a writable study folder. A fault there would fail
+    (download, md5 check, decode, cache), a writable study folder and its trackers' store
+    (`--log mlflow`). A fault there would fail
     every run alike; raised here it is one line and leaves no run directory behind. Returns the
     data sets by name and whether the study runs on CPUs alone."""
     resolved = [resolve_device(d) for d in devices
@@ -134,6 +143,8 @@ def prepare(runs: list[Run], root: Path,
     except OSError as e:
         raise UsageError(f"cannot write the study to {root} ({e.strerror or e}); "
                          "choose another --out") from None
+    check_trackers({name for r in runs for name in r.experiment.execution.log},
+                   Tracking.of(root, ""))
     return images, all(d.type == "cpu" for d in resolved)
 
 

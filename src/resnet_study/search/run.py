@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..config import UsageError, one_line
 from ..data.splits import check_sizes
 from ..data.store import load_images
+from ..training.trackers import check as check_trackers
 from ..workers import Worker, run_jobs
 from .outputs import write_outputs
 from .storage import open_storage
@@ -39,6 +40,7 @@ def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
     except OSError as e:
         raise UsageError(f"cannot write the search to {search.out} ({e.strerror or e}); "
                          "choose another --out") from None
+    check_trackers(search.base.execution.log, search.tracking(""))
     storage = open_storage(search.storage, search.out, search.name)
     study = open_study(search, storage, len(images.classes))  # refuses another search here
     deadline = time.time() + search.timeout if search.timeout else None

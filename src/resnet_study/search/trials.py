@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..data.store import load_images
 from ..models import training_flops
 from ..training.epoch import StopSignal
 from ..training.run_folder import RunFolder
+from ..training.trackers import Tracking, tag_runs
 from ..training.train import run_in_folder
 from .space import Space
 from .storage import Claim, Storage, open_storage
@@ -86,6 +88,10 @@ class Search:
                                     (self.min_epochs * REDUCTION**k for k in itertools.count()))
         return (*lower, epochs)
 
+    def tracking(self, run_name: str, **tags: str) -> Tracking:
+        """A trial's run in the trackers: of the MLflow experiment named after the search."""
+        return Tracking(self.out, self.name, run_name, tags)
+
     def run_folder(self, trial: optuna.trial.FrozenTrial | optuna.Trial) -> RunFolder:
         """The trial's folder, held while it runs: its rungs' run folders are inside it."""
         return RunFolder(self.out / trial.user_attrs.get("run",
@@ -96,6 +102,10 @@ class Search:
         knobs that are not drawn."""
         return {name: getattr(getattr(self.base, section), name)
                 for name, section in SECTION_OF.items() if section in RECIPE_SECTIONS}
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def outcome(trial: optuna.trial.FrozenTrial) -> str:
@@ -242,23 +252,33 @@ class Objective:
                 break
             trial.report(summary["val_top1"], epochs)
             if trial.should_prune():
-                trial.set_user_attr("outcome", f"pruned after its {epochs}-epoch schedule")
-                raise optuna.TrialPruned(f"pruned by the {search.pruner} pruner")
-        trial.set_user_attr("outcome", "completed")
-        return float(summary["val_top1"])
+                return self._end(trial, f"pruned after its {epochs}-epoch schedule",
+                                 optuna.TrialPruned(f"pruned by the {search.pruner} pruner"))
+        return self._end(trial, "completed", value=float(summary["val_top1"]))
 
     def _rung(self, trial: optuna.Trial, folder: RunFolder, exp: Experiment) -> dict:
         """One rung's complete schedule, in its own run folder inside the trial's: trained,
         resumed, or read back where a retried trial had finished it."""
         rung = RunFolder(folder.path / f"epochs-{exp.train.epochs:03d}")
-        trial.set_user_attr("rung", str(rung.path.relative_to(self.search.out)))
+        name = str(rung.path.relative_to(self.search.out))
+        trial.set_user_attr("rung", name)
+        tracking = self.search.tracking(name.removeprefix("trials/"), trial=str(trial.number),
+                                        rung_epochs=str(exp.train.epochs))
         with rung.hold(), rung.log_lines() as log:  # the rung's lines, in its folder
-            return run_in_folder(exp, rung, log=log)
+            return run_in_folder(exp, rung, tracking=tracking, log=log)
 
-    @staticmethod
-    def _end(trial: optuna.Trial, what: str) -> float:
+    def _end(self, trial: optuna.Trial, what: str, error: Exception | None = None,
+             value: float | None = None) -> float:
+        """The trial's outcome, in Optuna and on its tracked runs; its value, or the error
+        that tells Optuna it has none (NotTrained, TrialPruned)."""
         trial.set_user_attr("outcome", what)
-        raise NotTrained(what)
+        if "mlflow" in self.search.base.execution.log:
+            rungs = self.search.run_folder(trial).path.glob("epochs-*")
+            tag_runs(map(RunFolder, sorted(rungs)), {"resnet_study.outcome": what},
+                     self.search.tracking(""), _warn)
+        if value is not None:
+            return value
+        raise error or NotTrained(what)
 
 
 def work(search: Search, deadline: float | None = None) -> None:

@@ -189,6 +189,18 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
 
+    def tracker_runs(self) -> dict[str, str]:
+        """Each tracker's id of this run (`tracking.json`), so that a resumed run goes on in the
+        tracker's run it started, not in a new one; {} where there is none or it is unreadable."""
+        try:
+            ids = json.loads((self.path / "tracking.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return ids if isinstance(ids, dict) else {}
+
+    def write_tracker_run(self, tracker: str, run_id: str) -> None:
+        write_json(self.path / "tracking.json", {**self.tracker_runs(), tracker: run_id})
+
     def write_predictions(self, predicted: np.ndarray, labels: np.ndarray) -> None:
         with atomic_open(self.path / "predictions.npz") as f:
             np.savez(f, predicted=predicted, labels=labels)

@@ -3,8 +3,9 @@
 `train` (the command) and `run_in_folder` (a study's run, a search's trial) restore a run or
 start it, run its epochs (`epoch.run_epoch`) on its `Assembly`, and record it in its
 `RunFolder`: metrics.csv, checkpoint.pt and predictions.npz after every epoch, summary.json
-(`RunRecord`) whatever the outcome. Observers of finished epochs (a study's progress, a
-search's pruning) attach through `observers` and may stop a run cleanly.
+(`RunRecord`) whatever the outcome. Callbacks (`callbacks`: a study's progress, the trackers
+that `--log` names) see the run start, each finished epoch (and may stop the run cleanly
+there) and its end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..config import Experiment, Interrupted, UsageError, one_line
 from ..models import count_params
 from ..ranks import is_main
 from .assembly import Assembly, assemble
+from .callbacks import Callback, RunStart, Stop
 from .checkpoint import (
     check_same_experiment,
     load_checkpoint,
@@ -29,33 +31,13 @@ from .checkpoint import (
 from .device import device_label, peak_memory_mib
 from .epoch import Diverged, EpochResult, StopRequested, StopSignal, run_epoch
 from .run_folder import FINAL, RunFolder, RunRecord
+from .trackers import Tracking, trackers
 
 METRICS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "lr", "epoch_seconds",
            "eval_seconds", "images_per_second"]
 TEST_METRICS = METRICS[2:5]
 VAL_METRICS = ["val_loss", "val_top1", "val_top5"]
 EXIT_DIVERGED = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Stop:
-    """An observer's request to end a run after the epoch it saw: the run's folder is left as
-    complete as a finished run's, with status `stopped` and this reason."""
-
-    reason: str
-
-
-# Sees each finished epoch (the experiment and its metrics row) on rank 0; returns a Stop to end
-# the run there, or None to go on.
-Observer = Callable[[Experiment, dict], "Stop | None"]
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def restore(exp: Experiment, folder: RunFolder, resume: bool
@@ -77,17 +59,19 @@ def restore(exp: Experiment, folder: RunFolder, resume: bool
 
 
 def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = False,
-          observers: Sequence[Observer] = (), log: Callable[[str], None] | None = None) -> dict:
+          callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = None) -> dict:
     """Train one experiment into `out` (the `train` command); return the summary also written
     to summary.json. The run holds `out`'s lock throughout (under torchrun, rank 0 holds it for
-    all ranks), so a second process training into the same folder is refused (`FolderHeld`)."""
+    all ranks), so a second process training into the same folder is refused (`FolderHeld`).
+    Tracked (`--log mlflow`) as a run of an experiment named after `out`."""
     folder = RunFolder(out)
     with folder.hold_for_ranks(exp.execution.device):
-        return _train(exp, folder, resume=resume, quiet=quiet, observers=observers,
-                      record=None, log=log or _log(quiet))
+        return _train(exp, folder, resume=resume, quiet=quiet, callbacks=callbacks,
+                      tracking=Tracking.of_run(out, exp), record=None, log=log or _log(quiet))
 
 
-def run_in_folder(exp: Experiment, folder: RunFolder, *, observers: Sequence[Observer] = (),
+def run_in_folder(exp: Experiment, folder: RunFolder, *, tracking: Tracking,
+                  callbacks: Sequence[Callback] = (),
                   log: Callable[[str], None] | None = None) -> dict:
     """A study's run or a search's trial, in `folder`, whose lock the caller holds: the one way
     both train. A run another process finished since it was planned is returned as it stands
@@ -99,14 +83,14 @@ def run_in_folder(exp: Experiment, folder: RunFolder, *, observers: Sequence[Obs
         return {**(folder.summary() or {}), "status": state, "skipped": True}
     record = RunRecord(exp, folder)
     try:
-        return _train(exp, folder, resume=state == "partial", quiet=True, observers=observers,
-                      record=record, log=log or _log(True))
+        return _train(exp, folder, resume=state == "partial", quiet=True, callbacks=callbacks,
+                      tracking=tracking, record=record, log=log or _log(True))
     except Exception as e:
         return record.summary or record.write("failed", error=one_line(e))
 
 
 def _train(exp: Experiment, folder: RunFolder, *, resume: bool, quiet: bool,
-           observers: Sequence[Observer], record: RunRecord | None,
+           callbacks: Sequence[Callback], tracking: Tracking, record: RunRecord | None,
            log: Callable[[str], None]) -> dict:
     ckpt, finished = restore(exp, folder, resume)
     if finished is not None:
@@ -121,7 +105,8 @@ def _train(exp: Experiment, folder: RunFolder, *, resume: bool, quiet: bool,
     parts = None
     try:
         parts = assemble(exp, checkpoint=ckpt, progress=not quiet, log=log)
-        return Training(parts, folder, record, ckpt, quiet).run(observers)
+        followers = [*trackers(exp, tracking, log), *callbacks] if is_main() else []
+        return Training(parts, folder, record, ckpt, quiet).run(followers)
     except Exception as e:
         if parts is not None:
             record.learn(peak_memory_mib=peak_memory_mib(parts.device))
@@ -155,7 +140,9 @@ class Training:
                      processes=parts.ranks.world)
         record.learn_history(self.history)
 
-    def run(self, observers: Sequence[Observer]) -> dict:
+    def run(self, callbacks: Sequence[Callback]) -> dict:
+        """The epochs left, each seen by the callbacks (rank 0's), which also see the start
+        and, whatever it is, the end."""
         parts, exp = self.parts, self.parts.experiment
         if self.main:
             self.folder.write_config(exp)
@@ -165,23 +152,34 @@ class Training:
                   f"{parts.splits.train.num_images:,} training images "
                   f"({parts.splits.images.name}), {parts.device.type}, {parts.precision}, "
                   f"epochs {self.start_epoch + 1}-{exp.train.epochs} of {exp.train.epochs}")
-        tb = _tensorboard(self.folder.path) if self.main else None
-        parts.model.train()
+        start = RunStart(exp, self.folder, self.start_epoch + 1, dict(self.record.facts))
+        for callback in callbacks:
+            callback.on_start(start)
+        ended = {"status": "interrupted"}  # a signal's stop (resumed later), or Ctrl-C
         try:
-            with StopSignal() as signals:
-                for epoch in range(self.start_epoch, exp.train.epochs):
-                    result = self._epoch(epoch, signals)
-                    if result is None:
-                        return self._finish("diverged", diverged_epoch=epoch + 1)
-                    self._record_epoch(epoch, result, tb)
-                    stop = self._observe(observers, result.row)
-                    if stop is not None and epoch + 1 < exp.train.epochs:
-                        parts.log(f"{exp.name}: stopped after epoch {epoch + 1}: {stop.reason}")
-                        self._save_predictions(result)
-                        return self._finish("stopped", stop_reason=stop.reason)
+            ended = self._epochs(callbacks)
+            return ended
+        except Exception as e:
+            ended = {"status": "failed", "error": one_line(e)}
+            raise
         finally:
-            if tb:
-                tb.close()
+            for callback in callbacks:
+                callback.on_end(ended)
+
+    def _epochs(self, callbacks: Sequence[Callback]) -> dict:
+        parts, exp = self.parts, self.parts.experiment
+        parts.model.train()
+        with StopSignal() as signals:
+            for epoch in range(self.start_epoch, exp.train.epochs):
+                result = self._epoch(epoch, signals)
+                if result is None:
+                    return self._finish("diverged", diverged_epoch=epoch + 1)
+                self._record_epoch(epoch, result)
+                stop = self._observe(callbacks, result.row)
+                if stop is not None and epoch + 1 < exp.train.epochs:
+                    parts.log(f"{exp.name}: stopped after epoch {epoch + 1}: {stop.reason}")
+                    self._save_predictions(result)
+                    return self._finish("stopped", stop_reason=stop.reason)
         return self._finish("completed")
 
     def _epoch(self, epoch: int, signals: StopSignal) -> EpochResult | None:
@@ -202,7 +200,7 @@ class Training:
         self.partial = None
         return result
 
-    def _record_epoch(self, epoch: int, result: EpochResult, tb) -> None:
+    def _record_epoch(self, epoch: int, result: EpochResult) -> None:
         row, exp = result.row, self.parts.experiment
         self.history.append(row)
         self.record.learn_history(self.history)
@@ -211,9 +209,6 @@ class Training:
         self._checkpoint(epoch + 1)  # first: metrics.csv never lists an epoch it lacks
         if self.main:
             self.folder.write_metrics(self.history, self.columns)
-        if tb:
-            for k, v in row.items():
-                tb.add_scalar(k, v, epoch + 1)
         split = "test" if "test_loss" in row else "val"
         self.parts.log(f"epoch {epoch + 1:>3}/{exp.train.epochs}  train loss "
                        f"{row['train_loss']:.4f}  {split} loss {row[f'{split}_loss']:.4f}  top-1 "
@@ -222,14 +217,13 @@ class Training:
                           else "")
                        + f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f} s")
 
-    def _observe(self, observers: Sequence[Observer], row: dict) -> Stop | None:
-        """Rank 0's observers see the epoch; every rank learns whether one asked to stop."""
+    def _observe(self, callbacks: Sequence[Callback], row: dict) -> Stop | None:
+        """Rank 0's callbacks see the epoch; every rank learns whether one asked to stop."""
         stop = None
-        if self.main:
-            for observer in observers:
-                stop = observer(self.parts.experiment, row) or stop
+        for callback in callbacks:
+            stop = callback.on_epoch(self.parts.experiment, row) or stop
         if self.parts.ranks.world > 1 and self.parts.ranks.sum(float(stop is not None))[0]:
-            stop = stop or Stop("stopped by an observer on rank 0")
+            stop = stop or Stop("stopped by a callback on rank 0")
         return stop
 
     def _save_predictions(self, result: EpochResult) -> None:
