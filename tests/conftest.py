@@ -15,6 +15,13 @@ def _private_data_cache(tmp_path_factory):
     os.environ["RESNET_STUDY_DATA"] = str(tmp_path_factory.mktemp("data-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _private_working_directory(tmp_path_factory, monkeypatch):
+    """Each test in a working directory of its own: a command's default folders (runs/...)
+    never land in the checkout, nor collide with another test's running beside it."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def standin():
     """The CIFAR-10 JPEG stand-in (../shared/data); tests using it skip, saying why, without it."""

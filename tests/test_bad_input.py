@@ -253,7 +253,7 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_pa
                                                          monkeypatch):
     tmp, run = workspace
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # ImageNet weights not cached
-    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+    monkeypatch.setattr("resnet_study.models.pretrained.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")  # offline
     # each case works in its own folder, beside a link to the shared finished run
     (tmp_path / "run").symlink_to(run)

@@ -123,7 +123,8 @@ def test_cam_layer_is_the_deepest_with_four_pixels_a_side():
 @pytest.mark.parametrize("damage, message", [
     ("not a run", "is not a run directory (no config.json)"),
     ("no checkpoint", "no checkpoint at"),
-    ("unknown architecture", "family must be one of resnet18, cifar-resnet, not 'densenet'"),
+    ("unknown architecture", "family must be resnet18, cifar-resnet or a network of your own "
+                             "as module:callable, not 'densenet'"),
     ("another architecture's checkpoint", "does not fit"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(damage, message, tmp_path, capsys):

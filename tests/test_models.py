@@ -12,11 +12,11 @@ from resnet_study.catalogue import PRESETS
 from resnet_study.models import (
     Conv2d,
     ResNet18,
-    ZeroPadShortcut,
     imagenet_weights_path,
     network,
     training_flops,
 )
+from resnet_study.models.resnet import ZeroPadShortcut
 
 from .helpers import LITERATURE_PARAMS, PAPER_PARAMS
 
@@ -270,7 +270,7 @@ def test_pretrained_with_wrong_architecture_is_refused(tmp_path):
 
 def test_imagenet_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+    monkeypatch.setattr("resnet_study.models.pretrained.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")  # discard port: refused
     with pytest.raises(UsageError) as err:
         build_model("resnet18-pretrained")

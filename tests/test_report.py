@@ -348,7 +348,7 @@ def test_damaged_runs_are_listed_and_the_rest_is_reported(studies, tmp_path):
 def test_a_study_whose_runs_all_failed_gets_a_page_naming_the_failures(tmp_path, monkeypatch,
                                                                        capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+    monkeypatch.setattr("resnet_study.models.pretrained.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")  # offline
     study = tmp_path / "s"
     runs = plan(presets(["resnet18-pretrained"]), 2, study, {**SETTINGS, "data": "synthetic",

@@ -93,7 +93,7 @@ def test_interrupted_run_is_resumed_not_counted(tmp_path):
 
 def test_one_failure_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    monkeypatch.setattr("resnet_study.models.IMAGENET_WEIGHTS_URL",
+    monkeypatch.setattr("resnet_study.models.pretrained.IMAGENET_WEIGHTS_URL",
                         "http://127.0.0.1:9/resnet18-f37072fd.pth")
     runs = plan(presets(["resnet18-lr0.01", "resnet18-pretrained"]), 1, tmp_path / "s", TINY, False)
     lines = []

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from . import experiment_files
 from .config import BASE_EXPERIMENT, RECIPE_SECTIONS, SECTIONS, Experiment, UsageError
 from .experiment_files import OWN_GROUP, Entry
+from .models import check_network  # the networks' families register as models is imported
 
 PRESETS_FILE = "experiments.toml"
 
@@ -92,6 +93,11 @@ def _resolve(name: str, entries: Mapping[str, Entry], known: Mapping[str, Experi
             sections[section] = SECTIONS[section](**values)
         except (UsageError, TypeError) as e:
             raise UsageError(f"{entry.where} {section}: {e}") from None
+    if sections["model"].user_network and "model" in entry.spec:  # checked where it is named
+        try:
+            check_network(sections["model"])
+        except UsageError as e:
+            raise UsageError(f"{entry.where} model: {e}") from None
     exp = Experiment(name=name, row=entry.spec.get("row", name), notes=entry.spec.get("notes", ""),
                      group=entry.spec.get("group", default_group), extends=parent or "",
                      **sections)

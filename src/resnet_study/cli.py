@@ -219,6 +219,8 @@ def _describe_schedule(t) -> str:
 
 def _describe_model(exp: Experiment) -> str:
     m = exp.model
+    if m.user_network:
+        return " ".join([m.family, *(f"{k}={v}" for k, v in m.options.as_dict().items())])
     if m.family == "cifar-resnet" and m.block == "pre":
         parts = [f"WRN-{6 * m.blocks + 4}-{m.width}"]
     elif m.family == "cifar-resnet":

@@ -59,6 +59,25 @@ def _check_fields(obj: Any) -> None:
                  f"{name} must be a finite number, not {value!r}")
 
 
+class Options(tuple):
+    """A user's network's keyword arguments (its entry's `[name.model.options]` table):
+    read-only and hashable, so that a ModelConfig stays a frozen value; config.json and
+    `as_dict` give the table back."""
+
+    def __new__(cls, items: Any = ()) -> Options:
+        pairs = items.items() if isinstance(items, dict) else items
+        return super().__new__(cls, sorted((str(k), _frozen(v)) for k, v in pairs))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self}
+
+
+def _frozen(value: Any) -> Any:
+    _require(isinstance(value, str | int | float | bool | list | tuple),
+             f"options take numbers, strings, true or false and lists of them, not {value!r}")
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
 TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
 
 
@@ -71,6 +90,11 @@ def _check_type(obj: Any, name: str, spec: FieldSpec, value: Any) -> None:
             return isinstance(v, bool) and spec.kind is bool
         return isinstance(v, spec.kind) or (spec.kind is float and isinstance(v, int))
 
+    if spec.kind is Options:
+        _require(isinstance(value, dict | tuple | list),
+                 f"{name} must be a table of keyword arguments, not {value!r}")
+        object.__setattr__(obj, name, Options(value))
+        return
     kind = TYPE_WORDS[spec.kind]
     if spec.sequence:
         _require(isinstance(value, tuple | list) and all(fits(v) for v in value),
@@ -82,17 +106,23 @@ def _check_type(obj: Any, name: str, spec: FieldSpec, value: Any) -> None:
         object.__setattr__(obj, name, float(value))
 
 
+# The networks' families by name (`models.registry` adds each as it registers): the rules
+# each lays on the other model settings. A family `module:callable` is a user's network.
+FAMILY_RULES: dict[str, Callable[[ModelConfig], None]] = {}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A ResNet-18 whose options span every architecture of the paper's Table 1, or a CIFAR
-    ResNet (He et al.'s 6n+2-layer ResNets, Zagoruyko & Komodakis's wide ResNets) for the two
-    literature rows."""
+    """A network: a family (`models.registry`) and the settings it takes. The built-in
+    `resnet18` spans every architecture of the paper's Table 1, `cifar-resnet` the two
+    literature rows (He et al.'s 6n+2-layer ResNets, Zagoruyko & Komodakis's wide ResNets); a
+    user's network is `module:callable`, given `options`, and takes no other setting."""
 
-    family: Literal["resnet18", "cifar-resnet"] = "resnet18"
+    family: str = "resnet18"
     # The map layer1 sees of a 32x32 image: imagenet, the paper's 7x7/2 conv + max-pool, 8x8;
     # imagenet-nopool (7x7/2, no max-pool), imagenet-s1 (7x7/1 + max-pool) and cifar-s2 (a
     # 3x3/2 conv, the CIFAR literature's cheap way to 16x16), 16x16; cifar, a 3x3/1 conv, 32x32
-    # (models.STEMS).
+    # (models.resnet.STEMS).
     stem: Literal["imagenet", "imagenet-nopool", "imagenet-s1", "cifar-s2", "cifar"] = "imagenet"
     block: Literal["post", "pre"] = "post"  # conv-BN-ReLU (original) or BN-ReLU-conv
     width: int = 1  # k: stage widths 64k..512k (resnet18) or 16k, 32k, 64k (cifar-resnet)
@@ -106,33 +136,43 @@ class ModelConfig:
     block_dropout: float = 0.0  # inside each residual block, between its two convs
     fc_dropout: float = 0.0  # before the final fully connected layer
     pretrained: str | None = None  # "imagenet" or a path to a torchvision-format state dict
+    # A user's network's keyword arguments, beside num_classes (a TOML table).
+    options: Options = field(default_factory=Options)
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
         _require(self.channels >= 8, f"channels must be a whole number >= 8, not "
                                      f"{self.channels}")
-        _require(self.family == "resnet18" or self.channels == 64,
-                 "channels sets a resnet18's layer1; a cifar-resnet's stages are 16k, 32k, 64k "
-                 "channels (width k)")
         _require(self.blocks >= 1, f"blocks must be a whole number >= 1, not {self.blocks}")
-        _require(self.family == "cifar-resnet" or (self.blocks == 2
-                                                  and self.shortcut == "projection"),
-                 "a resnet18 has 2 blocks per stage and projection shortcuts; other depths and "
-                 "zero-padded shortcuts belong to family cifar-resnet")
-        _require(self.family == "resnet18" or self.stem == "cifar",
-                 "family cifar-resnet has the 3x3 stem only: set stem = cifar")
         for name in ("block_dropout", "fc_dropout"):
             p = getattr(self, name)
             _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), not {p}")
-        _require(self.pretrained is None or (self.family == "resnet18" and self.width == 1
-                                              and self.channels == 64
-                                              and self.shortcut_kernel == 1
-                                              and self.block == "post" and self.batch_norm
-                                              and self.stem.startswith("imagenet")),
-                 "pretrained weights exist only for the base architecture "
-                 "(a 7x7 imagenet stem, post-activation, width 1, 64 channels, 1x1 shortcut, "
-                 "batch norm)")
+        if self.user_network:
+            self._check_user_network()
+            return
+        _require(self.family in FAMILY_RULES,
+                 f"family must be {', '.join(FAMILY_RULES)} or a network of your own as "
+                 f"module:callable, not {self.family!r}")
+        _require(not self.options, "options are a network of your own's arguments (family = "
+                                   "\"module:callable\")")
+        FAMILY_RULES[self.family](self)
+
+    @property
+    def user_network(self) -> bool:
+        return ":" in self.family
+
+    def _check_user_network(self) -> None:
+        module, _, name = self.family.partition(":")
+        _require(bool(module) and name.isidentifier()
+                 and all(p.isidentifier() for p in module.split(".")),
+                 f"family {self.family!r}: a network of your own is module:callable, e.g. "
+                 "my_nets:resnet18_se")
+        taken = [f.name for f in dataclasses.fields(self)
+                 if f.name not in ("family", "options")
+                 and getattr(self, f.name) != getattr(ModelConfig, f.name, None)]
+        _require(not taken, f"family {self.family}: {', '.join(taken)} belong to the built-in "
+                            "families; give your network's own settings as options")
 
 
 @dataclass(frozen=True)
@@ -345,6 +385,7 @@ class Experiment:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("origin", "recorded")}
         d.update({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS})
+        d["model"]["options"] = self.model.options.as_dict()
         return {**d, "profile": self.profile, "overrides": self.overrides()}
 
     @classmethod

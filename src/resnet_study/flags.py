@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .config import SECTIONS, field_specs
+from .config import SECTIONS, Options, field_specs
 
 
 def _parse_optional(kind: type):
@@ -33,6 +33,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         specs = field_specs(cls)
         for f in dataclasses.fields(cls):
             spec = specs[f.name]
+            if spec.kind is Options:  # a table: a user's network's, in its experiments file
+                continue
             flag = "--" + f.name.replace("_", "-")
             kw = dict(dest=f.name, default=argparse.SUPPRESS,
                       help=f"base recipe: {f.default}; an experiment may set another")

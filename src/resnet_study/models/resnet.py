@@ -1,4 +1,4 @@
-"""The networks of the paper's Table 1, each a configuration of two families.
+"""The built-in families of networks: the paper's Table 1, each a configuration of two.
 
 - `ResNet18`: one configurable ResNet-18 covering all twelve of the paper's rows. Layer names
   follow torchvision's `resnet18` (`conv1`, `bn1`, `layer1..4`, `downsample`, `fc`), so that
@@ -12,18 +12,14 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, UsageError, one_line
-from .files import load_tensors
+from ..config import ModelConfig, UsageError
+from .registry import register_family
 
-# torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model
-# does not pull in torchvision.
-IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 STAGE_WIDTHS = (1, 2, 4, 8)  # ResNet-18's stages, times its layer1 channels C and width k
 CIFAR_STAGE_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR ResNets, times a wide ResNet's k
 # A ResNet-18's stem: conv kernel, conv stride, 3x3/2 max-pool after it. The paper's ImageNet stem
@@ -188,6 +184,34 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+PRETRAINED_BASE_ONLY = ("pretrained weights exist only for the base architecture (a 7x7 "
+                        "imagenet stem, post-activation, width 1, 64 channels, 1x1 shortcut, "
+                        "batch norm)")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _check_resnet18(cfg: ModelConfig) -> None:
+    _require(cfg.blocks == 2 and cfg.shortcut == "projection",
+             "a resnet18 has 2 blocks per stage and projection shortcuts; other depths and "
+             "zero-padded shortcuts belong to family cifar-resnet")
+    _require(cfg.pretrained is None or (cfg.width == 1 and cfg.channels == 64
+                                        and cfg.shortcut_kernel == 1 and cfg.block == "post"
+                                        and cfg.batch_norm and cfg.stem.startswith("imagenet")),
+             PRETRAINED_BASE_ONLY)
+
+
+def _check_cifar_resnet(cfg: ModelConfig) -> None:
+    _require(cfg.channels == 64, "channels sets a resnet18's layer1; a cifar-resnet's stages "
+                                 "are 16k, 32k, 64k channels (width k)")
+    _require(cfg.stem == "cifar", "family cifar-resnet has the 3x3 stem only: set stem = cifar")
+    _require(cfg.pretrained is None, PRETRAINED_BASE_ONLY)
+
+
+@register_family("resnet18", check=_check_resnet18)
 class ResNet18(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = 100) -> None:
         super().__init__()
@@ -221,6 +245,7 @@ class ResNet18(nn.Module):
         return self.fc(self.dropout(x))
 
 
+@register_family("cifar-resnet", check=_check_cifar_resnet)
 class CifarResNet(nn.Module):
     """A 3x3 16-channel stem, three stages of `cfg.blocks` blocks at widths 16k, 32k and 64k
     (the second and third starting with stride 2), global average pooling and fc.
@@ -258,76 +283,3 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(self.final_relu(self.final_bn(x))), 1)
         return self.fc(self.dropout(x))
-
-
-def network(cfg: ModelConfig, num_classes: int = 100) -> nn.Module:
-    """The network `cfg` describes, freshly initialised (no pretrained weights)."""
-    return (ResNet18 if cfg.family == "resnet18" else CifarResNet)(cfg, num_classes)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@functools.cache
-def training_flops(cfg: ModelConfig, num_classes: int) -> float:
-    """FLOPs of one training step (forward and backward) per 32x32 image, counted on the meta
-    device in a fraction of a second: the weight a study's time estimate gives each run."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        network(cfg, num_classes)(torch.empty(2, 3, 32, 32)).sum().backward()
-    return counter.get_total_flops() / 2
-
-
-def imagenet_weights_path() -> Path:
-    """Where torch.hub keeps (and looks for) the downloaded ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_URL.rsplit("/", 1)[1]
-
-
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    path = imagenet_weights_path()
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(IMAGENET_WEIGHTS_URL, str(path), progress=True)
-        except Exception as e:  # offline, proxy, DNS: all mean the same thing to the user
-            raise UsageError(
-                f"could not download ImageNet weights ({type(e).__name__}); to work offline, "
-                f"place {IMAGENET_WEIGHTS_URL} at {path}, or pass a local state dict path "
-                f"as pretrained") from None
-    return _load_state_dict(path)
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UsageError(f"pretrained weights file {path} does not exist")
-    try:
-        state = load_tensors(path)
-    except Exception as e:
-        raise UsageError(f"{path}: not a loadable state dict ({one_line(e)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path}: expected a torchvision-format state dict of tensors")
-    return state
-
-
-def load_pretrained(model: ResNet18, source: str) -> None:
-    """Load torchvision-format resnet18 weights into everything but the classifier."""
-    state = _imagenet_state_dict() if source == "imagenet" else _load_state_dict(Path(source))
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.state_dict()
-    bad = sorted(k for k, v in state.items() if k not in own or own[k].shape != v.shape)
-    missing = sorted(k for k in own if not k.startswith("fc.") and k not in state)
-    if bad or missing:
-        raise UsageError(f"{source}: not a resnet18 state dict "
-                         f"(first mismatch: {(bad + missing)[0]})")
-    model.load_state_dict(state, strict=False)  # fc keeps its fresh initialisation
-
-
-def build_model(cfg: ModelConfig, num_classes: int = 100) -> nn.Module:
-    """Build any `ModelConfig`'s network; loads pretrained weights."""
-    model = network(cfg, num_classes)
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
-    return model
-
