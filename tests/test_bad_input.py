@@ -154,7 +154,69 @@ def latin1(tmp: Path) -> str:
 
 SEARCH = ["search", "--trials", "1", "--data", "synthetic"]
 # the files a user hands the tool: refused on sight, exit 2 (a FIFO without blocking)
+NETWORK = """
+from torch import nn
+
+
+def net(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3072, num_classes))
+
+
+def seven(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 7))
+
+
+def broken(num_classes):
+    raise RuntimeError("boom")
+
+
+class Crashing(nn.Module):
+    def forward(self, x):
+        return x.view(-1, 5)
+
+
+def crashing(num_classes):
+    return Crashing()
+
+
+number = 3
+"""
+BAD_NETWORKS = {  # family, options, what the one line says
+    "network module that does not import": (
+        "nets_x:net", {}, "module nets_x cannot be imported: it imports no_such_package, which "
+                          "is not installed"),
+    "network module that is not there": ("nets_none:net", {}, "no module nets_none here; put "
+                                                              "nets_none.py in the working"),
+    "network name not in its module": ("nets_{n}:nothing", {}, "has no nothing"),
+    "network not callable": ("nets_{n}:number", {}, "number is a int, not a callable"),
+    "network with the wrong output": ("nets_{n}:seven", {}, "maps a 2 x 3 x 32 x 32 batch to "
+                                                              "[2, 7], not [2, 100]"),
+    "network that raises": ("nets_{n}:broken", {}, "failed (RuntimeError: boom)"),
+    "network whose forward fails": ("nets_{n}:crashing", {}, "its forward pass on a 2 x 3 x 32 "
+                                                             "x 32 batch failed"),
+    "network given options it does not take": (
+        "nets_{n}:net", {"depth": 3}, "unexpected keyword argument 'depth'"),
+}
+
+
+def bad_network(t: Path, case: str) -> list[str]:
+    """An experiments file naming a network of the user's own, its module in the working
+    directory (a fresh module name each case: Python caches a module once imported)."""
+    family, options, _ = BAD_NETWORKS[case]
+    n = list(BAD_NETWORKS).index(case)
+    (Path.cwd() / f"nets_{n}.py").write_text(NETWORK)
+    (Path.cwd() / "nets_x.py").write_text("import no_such_package\n")
+    toml = t / "mine.toml"
+    table = "".join(f"{k} = {v}\n" for k, v in options.items())
+    toml.write_text(f'["mine"]\n["mine".model]\nfamily = "{family.format(n=n)}"\n'
+                    + (f'["mine".model.options]\n{table}' if options else ""))
+    return ["experiments", "--experiments", str(toml)]
+
+
 FILES = {
+    **{case: (lambda t, c=case: bad_network(t, c), ("mine.toml: [mine] model: family nets_",
+                                                     BAD_NETWORKS[case][2]))
+       for case in BAD_NETWORKS},
     "experiments file is a device": (lambda t: ["experiments", "--experiments", "/dev/zero"],
                                      "/dev/zero: a character device, not a regular file"),
     "experiments file is a FIFO": (lambda t: ["experiments", "--experiments", fifo(t)],
@@ -272,7 +334,8 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, workspace, tmp_pa
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code != 0
-    assert len(lines) == 1 and message in lines[0], err
+    messages = message if isinstance(message, tuple) else (message,)  # all in the one line
+    assert len(lines) == 1 and all(m in lines[0] for m in messages), err
     assert lines[0].startswith("resnet-study")
     assert fingerprint(run) == before
     assert not (tmp_path / "pwned").exists()

@@ -339,6 +339,9 @@ def cmd_search(args: argparse.Namespace, catalogue: Catalogue) -> int:
     fixed = {k: v for k, v in overrides.items()
              if SECTION_OF[k] in RECIPE_SECTIONS and k not in FIDELITY | EXECUTION_FIELDS}
     space = load_space(args.space, base).without(fixed)
+    if space.left_out:
+        print(f"search: {base.name} is a network of your own ({base.model.family}); the model "
+              f"knobs {', '.join(space.left_out)} are left out of this search", file=sys.stderr)
     search = Search(out=args.out, base=base, space=space, fixed=fixed, trials=args.trials,
                     timeout=args.timeout, max_gflop=args.max_gflop_per_image,
                     pruner=args.pruner, min_epochs=min_epochs, sampler=args.sampler,

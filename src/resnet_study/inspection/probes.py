@@ -35,14 +35,66 @@ MEASURES = ["mean", "variance", "dead_fraction", "residual_ratio"]
 STAT_COLUMNS = ["block", "stage", "channels", "height", "width", *MEASURES]
 
 
+@dataclass
+class Anatomy:
+    """What inspection knows of a network's parts: a built-in's by its design, a user's found by
+    running it on a batch (`anatomy`)."""
+
+    stages: list[str]  # top-level modules that output feature maps, in order
+    blocks: list[tuple[str, nn.Module]]  # residual blocks inside them
+    residual: bool  # whether each block's residual branch and shortcut are known
+    classifier: nn.Module  # its input is the penultimate features
+    first_conv: nn.Conv2d  # its filters see the image
+    cam: str | None  # Grad-CAM's module (a name in the network), and why
+    cam_reason: str
+    notes: list[str] = field(default_factory=list)  # what could not be done, and why
+
+
 def stages(model: nn.Module) -> list[str]:
-    """The stage names of a network (`layer1`..`layer4` or `layer1`..`layer3`)."""
+    """The stage names of a built-in network (`layer1`..`layer4` or `layer1`..`layer3`)."""
     return [name for name, _ in model.named_children() if name.startswith("layer")]
 
 
-def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"{stage}.{i}", block) for stage in stages(model)
-            for i, block in enumerate(getattr(model, stage))]
+def anatomy(model: nn.Module, builtin: bool, x: torch.Tensor) -> Anatomy:
+    """A built-in network's parts by name, as its family designed them; any other network's by
+    running it once on `x`: its stages are its top-level modules of modules that output feature
+    maps, their children its blocks; its classifier the last linear layer to run; Grad-CAM's
+    module its deepest convolution whose output is still at least `MIN_CAM_SIZE` a side."""
+    if builtin:
+        names = stages(model)
+        return Anatomy(names, [(f"{stage}.{i}", block) for stage in names
+                               for i, block in enumerate(getattr(model, stage))], True,
+                       model.fc, model.conv1, None, "")
+    order: list[tuple[str, nn.Module, tuple]] = []
+    handles = [m.register_forward_hook(lambda m, a, out, n=n: order.append((n, m, tuple(
+        out.shape) if isinstance(out, torch.Tensor) else ())))
+        for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    top = dict(model.named_children())
+    names = [n for n, m, shape in order if n in top and len(shape) == 4 and any(m.children())]
+    linears = [m for _, m, _ in order if isinstance(m, nn.Linear)]
+    convs = [(n, m, shape) for n, m, shape in order if isinstance(m, nn.Conv2d)]
+    if not linears or not convs:
+        raise UsageError("inspect needs a network with a convolution and a final linear layer "
+                         f"(found {len(convs)} convolutions, {len(linears)} linear layers)")
+    usable = [c for c in convs if c[2][-1] >= MIN_CAM_SIZE] or convs[:1]
+    cam, _, shape = usable[-1]
+    notes = ["activation statistics per block: mean, variance and units that never fire on each "
+             "block's output; its residual branch against its shortcut is not measured (a "
+             "network of your own: which module ends the branch cannot be told from outside)"]
+    if not names:
+        notes.append("feature maps per stage: none drawn (no top-level module of modules "
+                     "outputs feature maps)")
+    return Anatomy(names, [(f"{stage}.{n}", b) for stage in names
+                           for n, b in top[stage].named_children()], False, linears[-1],
+                   next(m for _, m, _ in convs if m.in_channels == 3), cam,
+                   f"{cam} ({shape[-2]}x{shape[-1]}): the deepest convolution whose maps are at "
+                   f"least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}", notes)
 
 
 @dataclass
@@ -64,7 +116,7 @@ class BlockStats:
                 "height": self.shape[1], "width": self.shape[2], "mean": mean,
                 "variance": self.squares / self.count - mean**2,
                 "dead_fraction": float((~self.fired).float().mean()),
-                "residual_ratio": float(np.mean(self.ratios))}
+                "residual_ratio": float(np.mean(self.ratios)) if self.ratios else float("nan")}
 
 
 def _residual_end(block: nn.Module) -> nn.Module:
@@ -72,17 +124,21 @@ def _residual_end(block: nn.Module) -> nn.Module:
     return block.bn2 if isinstance(block, BasicBlock) else block.conv2
 
 
-def watch_blocks(model: nn.Module) -> tuple[dict[str, BlockStats], list]:
+def watch_blocks(parts: Anatomy) -> tuple[dict[str, BlockStats], list]:
     """Hooks that fill one `BlockStats` per block as images pass (eval mode, no gradients).
 
     The block's output gives the mean and variance; the input of its second conv, after the
     ReLU between the convs, gives the units that never fire; the residual branch (before the
     sum) against the shortcut (the input, or the projection or zero-padding of it) gives how
-    much the block changes what passes through it."""
+    much the block changes what passes through it. Where the block's parts are not known (a
+    user's network), its output alone: mean, variance and the units that never fire there."""
     stats: dict[str, BlockStats] = {}
     handles = []
-    for name, block in blocks(model):
+    for name, block in parts.blocks:
         s = stats[name] = BlockStats()
+        if not parts.residual:
+            handles.append(block.register_forward_hook(_watch_output(s)))
+            continue
 
         def on_input(module, args, s=s, block=block):
             if block.downsample is None:
@@ -117,6 +173,18 @@ def watch_blocks(model: nn.Module) -> tuple[dict[str, BlockStats], list]:
     return stats, handles
 
 
+def _watch_output(s: BlockStats):
+    def on_output(module, args, out):
+        out = out.float()
+        s.total += float(out.sum(dtype=torch.float64))
+        s.squares += float((out.double() ** 2).sum())
+        s.count += out.numel()
+        s.shape = tuple(out.shape[1:])
+        fired = (out > 0).any(dim=0)
+        s.fired = fired if s.fired is None else s.fired | fired
+    return on_output
+
+
 def sample_test_images(num_images: int, n: int) -> np.ndarray:
     """`n` of a test split's images, drawn with a fixed seed and kept in their order: the same
     images for every run of a data set, and every class (test sets are often sorted by class)."""
@@ -142,11 +210,17 @@ class Pass:
     sizes: dict[str, int]  # each stage's map size
 
 
+def parts_of(run: LoadedRun, sample: np.ndarray) -> Anatomy:
+    x, _ = next(_batches(run, sample[:2]))
+    with autocast(run.device, run.amp):
+        return anatomy(run.model, not run.experiment.model.user_network, x)
+
+
 @torch.no_grad()
-def collect(run: LoadedRun, sample: np.ndarray, grid: np.ndarray) -> Pass:
+def collect(run: LoadedRun, sample: np.ndarray, grid: np.ndarray, parts: Anatomy) -> Pass:
     """One pass over the `sample`d test images; `grid` are positions in the sample."""
     model = run.model
-    stats, handles = watch_blocks(model)
+    stats, handles = watch_blocks(parts)
     features, predicted, labels, maps, sizes = [], [], [], {}, {}
     grid_set = set(grid.tolist())
     offset = 0
@@ -159,10 +233,12 @@ def collect(run: LoadedRun, sample: np.ndarray, grid: np.ndarray) -> Pass:
             sizes[name] = tensor.shape[-1]
         return hook
 
-    handles.append(model.layer1.register_forward_pre_hook(keep("stem")))
-    for stage in stages(model):
-        handles.append(getattr(model, stage).register_forward_hook(keep(stage)))
-    handles.append(model.fc.register_forward_pre_hook(
+    if parts.stages:  # the first stage's input is the stem's output
+        handles.append(model.get_submodule(parts.stages[0]).register_forward_pre_hook(
+            keep("stem")))
+    for stage in parts.stages:
+        handles.append(model.get_submodule(stage).register_forward_hook(keep(stage)))
+    handles.append(parts.classifier.register_forward_pre_hook(
         lambda module, args: features.append(args[0].float().cpu().numpy())))
     try:
         for x, y in _batches(run, sample):
@@ -211,7 +287,7 @@ def grad_cam(run: LoadedRun, layer: str, x: torch.Tensor, target: torch.Tensor) 
     from captum.attr import LayerAttribution, LayerGradCam
 
     model = run.model
-    cam = LayerGradCam(model, getattr(model, layer))
+    cam = LayerGradCam(model, model.get_submodule(layer))
     with torch.enable_grad():
         attribution = cam.attribute(x.float().requires_grad_(), target=target,
                                     relu_attributions=True)
@@ -250,10 +326,13 @@ def inspect_run(run_dir: Path, images: int = DEFAULT_IMAGES, data: str | None = 
                        fmt=["%.4f", "%.4f", "%d", "%d"])
         summary |= {"grid_images": sample[seen.grid].tolist(), "cam_layer": seen.layer,
                     "cam_layer_reason": seen.layer_reason,
+                    **({"not_done": seen.notes} if seen.notes else {}),
                     "accuracy_on_these_images": float((seen.predicted == seen.labels).mean())}
     else:
-        p = collect(run, sample, np.zeros(0, dtype=np.int64))
+        parts = parts_of(run, sample)
+        p = collect(run, sample, np.zeros(0, dtype=np.int64), parts)
         rows = [s.row(block) for block, s in p.stats.items()]
+        summary |= {"not_done": parts.notes} if parts.notes else {}
         out.mkdir(exist_ok=True)
         summary["accuracy_on_these_images"] = float((p.predicted == p.labels).mean())
     write_csv(out / "activations.csv", rows, STAT_COLUMNS)
@@ -277,6 +356,8 @@ class Seen:
     cams: dict[str, np.ndarray]  # correct, wrong: (N, H, W) in 0..1
     rows: list[dict]  # activation statistics per block (STAT_COLUMNS)
     xy: np.ndarray  # the t-SNE map of the penultimate features
+    first_conv: nn.Conv2d  # its filters are drawn
+    notes: list[str]  # what could not be done, and why
 
 
 def look(run: LoadedRun, sample: np.ndarray) -> Seen:
@@ -290,8 +371,9 @@ def look(run: LoadedRun, sample: np.ndarray) -> Seen:
         return test.images[torch.as_tensor(sample[positions], device=test.device)]
 
     grid = first_per_class(test.labels.cpu().numpy()[sample])
-    p = collect(run, sample, grid)
-    layer, why = cam_layer(p.sizes)
+    parts = parts_of(run, sample)
+    p = collect(run, sample, grid, parts)
+    layer, why = cam_layer(p.sizes) if parts.cam is None else (parts.cam, parts.cam_reason)
     picks = {"correct": first_per_class(p.labels, p.predicted == p.labels),
              "wrong": first_per_class(p.labels, p.predicted != p.labels)}
     cams = {kind: grad_cam(run, layer, test.normalize(at(idx)),
@@ -304,7 +386,8 @@ def look(run: LoadedRun, sample: np.ndarray) -> Seen:
                           for kind, idx in {"grid": grid, **picks}.items()},
                 maps={stage: maps.numpy() for stage, maps in p.maps.items()},
                 layer=layer, layer_reason=why, cams=cams,
-                rows=[s.row(block) for block, s in p.stats.items()], xy=xy)
+                rows=[s.row(block) for block, s in p.stats.items()], xy=xy,
+                first_conv=parts.first_conv, notes=parts.notes)
 
 
 def _write_figures(out: Path, run: LoadedRun, seen: Seen) -> None:
@@ -314,7 +397,7 @@ def _write_figures(out: Path, run: LoadedRun, seen: Seen) -> None:
         save(figures.feature_map_figure(seen.pictures["grid"], maps, GRID_CHANNELS,
                                         f"{name}: {stage} feature maps"),
              out, f"feature_maps_{stage}", svg=False)
-    save(figures.filter_figure(run.model.conv1.weight.detach().float().cpu().numpy(), name),
+    save(figures.filter_figure(seen.first_conv.weight.detach().float().cpu().numpy(), name),
          out, "stem_filters", svg=False)
     for kind, idx in seen.picks.items():
         save(figures.cam_figure(seen.pictures[kind], seen.cams[kind],

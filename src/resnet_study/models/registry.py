@@ -47,10 +47,16 @@ def user_callable(family: str) -> Callable[..., nn.Module]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name.split(".")[0] and e.name != module_name:
+            raise UsageError(f"family {family}: module {module_name} cannot be imported: it "
+                             f"imports {e.name}, which is not installed") from None
+        raise UsageError(f"family {family}: no module {module_name} here; put "
+                         f"{module_name}.py in the working directory ({os.getcwd()}) or on "
+                         "PYTHONPATH") from None
     except Exception as e:
         raise UsageError(f"family {family}: module {module_name} cannot be imported "
-                         f"({one_line(e)}); put {module_name}.py in the working directory or "
-                         "on PYTHONPATH") from None
+                         f"({one_line(e)})") from None
     found = getattr(module, name, None)
     if found is None:
         raise UsageError(f"family {family}: module {module_name} ({module.__file__}) has no "
@@ -70,7 +76,7 @@ def network(cfg: ModelConfig, num_classes: int = 100) -> nn.Module:
         model = make(num_classes=num_classes, **cfg.options.as_dict())
     except Exception as e:
         raise UsageError(f"family {cfg.family}: building it with num_classes={num_classes} "
-                         f"and options {cfg.options.as_dict()} failed ({type(e).__name__}: "
+                         f"and options {cfg.options.as_dict()} failed ("
                          f"{one_line(e)})") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"family {cfg.family}: returned a {type(model).__name__}, not a "
@@ -88,7 +94,7 @@ def check_network(cfg: ModelConfig, num_classes: int = 100) -> None:
             out = model(torch.empty(2, 3, 32, 32))
         except Exception as e:
             raise UsageError(f"family {cfg.family}: its forward pass on a 2 x 3 x 32 x 32 batch "
-                             f"failed ({type(e).__name__}: {one_line(e)})") from None
+                             f"failed ({one_line(e)})") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"family {cfg.family}: maps a 2 x 3 x 32 x 32 batch to {shape}, not "

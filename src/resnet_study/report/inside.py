@@ -44,7 +44,11 @@ def _inspected(run: Run, pictures: bool, log: Callable[[str], None]) -> list[dic
     def fresh(path: Path) -> bool:  # written since the checkpoint
         return path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime
 
-    if not fresh(stats) or pictures and not fresh(folder / f"{PICTURES[0]}.png"):
+    if run.experiment.model.user_network and not fresh(stats):  # the report runs no user code
+        return (f"a network of your own ({run.experiment.model.family}), which the report "
+                f"never imports: run `resnet-study inspect {run.directory}` first")
+    if (not fresh(stats) or pictures and not fresh(folder / f"{PICTURES[0]}.png")
+            and not run.experiment.model.user_network):
         log(f"report: inspecting {run.directory.parent.name}/{run.directory.name}")
         try:
             probes.inspect_run(run.directory, pictures=pictures)
@@ -119,9 +123,10 @@ def _means(rows: list[dict]) -> tuple[float, float, float]:
 def _sentence(name: str, rows: list[dict], base: list[dict] | None) -> str:
     """An experiment's statistics in one line, against the base model's where it has them."""
     variance, dead, ratio = _means(rows)
+    residual = (f"|residual| / |shortcut| {ratio:.2f}" if not np.isnan(ratio) else
+                "|residual| / |shortcut| not measured (a network of your own)")
     text = (f"{name} (n = {rows[0]['n']:.0f}): output variance {variance:.3g}, ReLUs that never "
-            f"fire {dead:.1%}, |residual| / |shortcut| {ratio:.2f} (means over its "
-            f"{len(rows)} blocks)")
+            f"fire {dead:.1%}, {residual} (means over its {len(rows)} blocks)")
     if base is None or name == BASE_EXPERIMENT:
         return text + "."
     b_variance, b_dead, b_ratio = _means(base)

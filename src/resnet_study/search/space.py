@@ -79,6 +79,7 @@ class Knob:
 class Space:
     source: str  # the file it was read from, as every message names it
     knobs: tuple[Knob, ...]
+    left_out: tuple[str, ...] = ()  # the model knobs a network of the user's own cannot take
 
     def draw(self, trial: optuna.Trial, fixed: dict[str, Any]) -> dict[str, Any]:
         """A trial's knobs (switches included): each active one drawn, in the file's order."""
@@ -176,8 +177,14 @@ def load_space(path: Path | None, base: Experiment) -> Space:
         _require(not knob.switch or knob.name in referenced,
                  f"{source}: [{knob.name}]: unknown setting; a knob is a config field (see "
                  "`resnet-study train --help`), or a switch that another knob's `when` names")
-    _require(bool(knobs), f"{source}: the space has no knobs")
-    space = Space(source, tuple(knobs))
+    left_out: tuple[str, ...] = ()
+    if base.model.user_network:  # its settings are its options, which no knob draws
+        left_out = tuple(k.name for k in knobs if SECTION_OF.get(k.name) == "model")
+        knobs = [k for k in knobs if k.name not in left_out]
+    _require(bool(knobs), f"{source}: the space has no knobs"
+             + (f" that a network of your own can take (left out: {', '.join(left_out)})"
+                if left_out else ""))
+    space = Space(source, tuple(knobs), left_out)
     for knob in knobs:
         _check_values(space, knob, base)
     return space

@@ -19,7 +19,7 @@ from ..config import Experiment, UsageError
 from ..data.splits import Splits, make_splits
 from ..models import build_model
 from ..ranks import Ranks, init_ranks
-from .checkpoint import set_rng_state
+from .checkpoint import check_fits, set_rng_state
 from .device import (
     autocast_dtype,
     precision_name,
@@ -114,6 +114,7 @@ def assemble(exp: Experiment, *, model: nn.Module | None = None,
     scheduler = make_scheduler(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if checkpoint is not None:
+        check_fits(checkpoint["model"], model, exp, "the checkpoint to resume from")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

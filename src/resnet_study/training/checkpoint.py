@@ -75,6 +75,19 @@ def check_same_experiment(saved: dict[str, Any], exp: Experiment, path: Path) ->
                          "choose another --out")
 
 
+def check_fits(saved: dict, model: nn.Module, exp: Experiment, where: str) -> None:
+    """One line (UsageError) where a checkpoint's weights do not fit the network its config
+    builds: for a network of the user's own, its code changed since the run was trained."""
+    mismatch = _mismatch(saved, model.state_dict())
+    if mismatch and exp.model.user_network:
+        raise UsageError(f"{where}: your network {exp.model.family} is not the one this run "
+                         f"was trained with ({mismatch}); restore its code as it was, or "
+                         "train it anew")
+    if mismatch:  # another width, block, shortcut or number of classes
+        raise UsageError(f"{where} does not fit its config.json ({mismatch}); were they copied "
+                         "from different runs?")
+
+
 def _mismatch(saved: dict, expected: dict) -> str:
     """The first difference between a checkpoint's weights and those the config builds."""
     for key, tensor in expected.items():
@@ -110,11 +123,8 @@ def load_run(run_dir: Path, data: str | None = None, device: str | None = None,
     target = resolve_device(exp.execution.device)
     splits = make_splits(exp, target, progress=progress)
     model = build_model(exp.model, len(splits.images.classes))
-    mismatch = _mismatch(ckpt["model"], model.state_dict())
-    if mismatch:  # another width, block, shortcut or number of classes
-        raise UsageError(f"{ckpt_path} does not fit {run_dir / 'config.json'} and "
-                         f"{splits.images.name}'s {len(splits.images.classes)} classes "
-                         f"({mismatch}); were they copied from different runs?")
+    check_fits(ckpt["model"], model, exp, f"{ckpt_path} ({splits.images.name}, "
+                                          f"{len(splits.images.classes)} classes)")
     model.load_state_dict(_evaluated_weights(ckpt))
     memory_format = torch.channels_last if exp.execution.channels_last else torch.contiguous_format
     model = model.to(target, memory_format=memory_format).eval()
