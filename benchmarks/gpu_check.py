@@ -23,6 +23,7 @@ from resnet_study.models import ResNet18, count_params
 from resnet_study.training import step as steplib
 from resnet_study.training import train as trainlib
 from resnet_study.training.assembly import assemble
+from resnet_study.training.callbacks import OnEpoch
 
 EXPERIMENTS, GROUPS = PRESETS.experiments, PRESETS.groups()
 
@@ -116,7 +117,8 @@ def check_resume(device: torch.device, workdir: Path) -> str:
         raise Interrupt
 
     with contextlib.suppress(Interrupt):
-        trainlib.train(exp, workdir / "resumed", quiet=True, observers=[first_epoch_only])
+        trainlib.train(exp, workdir / "resumed", quiet=True,
+                       callbacks=[OnEpoch(first_epoch_only)])
     resumed = trainlib.train(exp, workdir / "resumed", resume=True, quiet=True)
 
     def metrics(run: str) -> list[dict]:

@@ -14,7 +14,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     env = dict(os.environ, GPU_CHECK_TINY="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable,
                RESNET_STUDY_DATA=str(tmp_path / "data"))
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume",

@@ -8,7 +8,13 @@ import torch
 
 from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.inspection.probes import BlockStats, cam_layer, first_per_class, watch_blocks
+from resnet_study.inspection.probes import (
+    BlockStats,
+    anatomy,
+    cam_layer,
+    first_per_class,
+    watch_blocks,
+)
 from resnet_study.models import BasicBlock, network
 from resnet_study.training.checkpoint import save_checkpoint
 
@@ -55,7 +61,7 @@ def test_every_architecture_is_inspected(name, tmp_path, capsys):
 
 
 def block_row(model, x, block="layer1.1"):
-    stats, handles = watch_blocks(model)
+    stats, handles = watch_blocks(anatomy(model, True, None))
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -97,7 +103,7 @@ def test_shortcut_is_the_projection_where_the_shape_changes():
     """layer2.0 of the base model: its shortcut is the 1x1 projection's output, not its input
     (whose shape differs)."""
     model = network(EXPERIMENTS["resnet18-lr0.01"].model, num_classes=10).eval()
-    stats, handles = watch_blocks(model)
+    stats, handles = watch_blocks(anatomy(model, True, None))
     with torch.no_grad():
         model(torch.randn(4, 3, 32, 32))
     s: BlockStats = stats["layer2.0"]
