@@ -63,7 +63,8 @@ def train(exp: Experiment, out: Path, *, resume: bool = False, quiet: bool = Fal
     """Train one experiment into `out` (the `train` command); return the summary also written
     to summary.json. The run holds `out`'s lock throughout (under torchrun, rank 0 holds it for
     all ranks), so a second process training into the same folder is refused (`FolderHeld`).
-    Tracked (`--log mlflow`) as a run of an experiment named after `out`."""
+    Tracked (`--log mlflow`) as a run of the experiment named after its recipe, in a store
+    inside `out` (`Tracking.of_run`)."""
     folder = RunFolder(out)
     with folder.hold_for_ranks(exp.execution.device):
         return _train(exp, folder, resume=resume, quiet=quiet, callbacks=callbacks,
