@@ -8,13 +8,8 @@ import torch
 
 from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
-from resnet_study.inspection.probes import (
-    BlockStats,
-    anatomy,
-    cam_layer,
-    first_per_class,
-    watch_blocks,
-)
+from resnet_study.inspection.anatomy import anatomy
+from resnet_study.inspection.probes import BlockStats, cam_layer, first_per_class, watch_blocks
 from resnet_study.models import BasicBlock, network
 from resnet_study.training.checkpoint import save_checkpoint
 
