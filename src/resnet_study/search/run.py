@@ -118,7 +118,7 @@ def trial_line(t: optuna.trial.FrozenTrial) -> str:
     """One finished trial in one line: its outcome, value, epochs, time and knobs."""
     value = f"val top-1 {t.value:.4f}" if t.state == TrialState.COMPLETE else outcome(t)
     if t.state == TrialState.PRUNED and t.intermediate_values:
-        value = (f"pruned after epoch {max(t.intermediate_values)} (val top-1 "
+        value = (f"pruned after its {max(t.intermediate_values)}-epoch schedule (val top-1 "
                  f"{t.intermediate_values[max(t.intermediate_values)]:.4f})")
     seconds = t.user_attrs.get("seconds")
     took = f", {seconds:.0f} s" if seconds else ""

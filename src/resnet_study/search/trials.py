@@ -109,8 +109,8 @@ def _warn(message: str) -> None:
 
 
 def outcome(trial: optuna.trial.FrozenTrial) -> str:
-    """What became of a trial: completed, pruned after epoch n, over budget, diverged, failed
-    (with the error), or dead: failed by Optuna's heartbeat check, or by the journal's."""
+    """What became of a trial: completed, pruned after a rung's schedule, over budget, diverged,
+    failed (with the error), or dead: failed by Optuna's heartbeat check, or by the journal's."""
     said = trial.user_attrs.get("outcome", "")
     if trial.state == TrialState.FAIL and said in ("", "running"):
         return "dead (its process ended)"
