@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,17 @@ def test_bench_without_reference_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "project / compute" in out and "reference" not in out
     assert "model TFLOP/s" in out and "device peak not known" in out
+
+
+def test_version_names_the_package_and_its_commit_and_help_the_documentation(capsys):
+    """Issue 33: as every CLI of its kind; the commit from this git checkout."""
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert done.value.code == 0
+    assert re.fullmatch(r"resnet-study \d+\.\d+\.\d+ \(commit [0-9a-f]{12}(\+dirty)?\)", out), out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    words = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal's width
+    assert words.endswith("The documentation: README.md at the top of the project's source "
+                          "tree.")

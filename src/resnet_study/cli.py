@@ -41,10 +41,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The package's version, and the commit where it runs from a git checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .training.run_folder import GIT_COMMIT
+
+    try:
+        number = version("resnet-study")
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH
+        number = "(not installed)"
+    return f"resnet-study {number}" + (f" (commit {GIT_COMMIT})" if GIT_COMMIT != "unknown"
+                                        else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="resnet-study",
-        description="Reproduce and extend the improved ResNet-18 CIFAR-100 study.")
+        description="Reproduce and extend the improved ResNet-18 CIFAR-100 study.",
+        epilog="Each command's options: resnet-study COMMAND --help. The documentation: "
+               "README.md at the top of the project's source tree.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     _add_experiments(sub)
