@@ -1,4 +1,4 @@
-"""A network of your own for resnet-study (README, "Your own network"): torchvision's
+"""A network of your own for resnet-study (docs/experiments.md, "Your own network"): torchvision's
 ResNet-18 layout with a squeeze-and-excitation gate (Hu et al. 2018) on every residual branch.
 
 resnet-study imports `my_nets:resnet18_se` from the working directory (or PYTHONPATH) and calls

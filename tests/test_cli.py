@@ -131,5 +131,5 @@ def test_version_names_the_package_and_its_commit_and_help_the_documentation(cap
     with pytest.raises(SystemExit):
         main(["--help"])
     words = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal's width
-    assert words.endswith("The documentation: README.md at the top of the project's source "
-                          "tree.")
+    assert words.endswith("The documentation: README.md and docs/ at the top of the project's "
+                          "source tree.")

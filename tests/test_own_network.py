@@ -17,7 +17,7 @@ from .helpers import SEARCH_TINY, search_trials
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--data", "synthetic", "--subset", "64", "--test-subset", "32", "--batch-size", "32",
         "--epochs", "2", "--device", "cpu"]
-SE_PARAMS = 11_316_892  # the base model's 11,227,812 and 89,080 in the gates (README)
+SE_PARAMS = 11_316_892  # the base model's 11,227,812 and 89,080 in the gates (docs/experiments.md)
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="resnet-study",
         description="Reproduce and extend the improved ResNet-18 CIFAR-100 study.",
         epilog="Each command's options: resnet-study COMMAND --help. The documentation: "
-               "README.md at the top of the project's source tree.")
+               "README.md and docs/ at the top of the project's source tree.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -135,7 +135,7 @@ def _add_search(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/search"),
                    help="the search folder: trials, journal, trials.csv, figures, best.toml")
     p.add_argument("--space", type=Path, help="a search space file (default: the shipped one, "
-                   "the paper's knobs; README, 'Your own ablations and a search')")
+                   "the paper's knobs; docs/search.md)")
     p.add_argument("--trials", type=int, default=20,
                    help="trials in all (pruned ones count; a rerun goes on to this number)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")

@@ -55,4 +55,4 @@ def add_experiment_files(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiments", dest="experiment_files", action="append", type=Path,
                         default=[], metavar="FILE.toml",
                         help="your own experiments, each extending a named one (repeatable; "
-                             "README, 'Your own ablations and a search')")
+                             "docs/experiments.md)")

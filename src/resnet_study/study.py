@@ -303,8 +303,7 @@ class _Progress:
                  f"({row['epoch_seconds']:.1f} s)")
         if total > 3600 and self.on_cpu:
             self.log("study: that is long on a CPU: add --quick for a short try of every "
-                     "experiment (not the paper's protocol), or run it on a GPU (README, "
-                     "'Speed')")
+                     "experiment (not the paper's protocol), or run it on a GPU (docs/speed.md)")
 
     def finished(self, run: Run, summary: dict) -> None:
         self.done += 1

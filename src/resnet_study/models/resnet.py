@@ -25,7 +25,7 @@ CIFAR_STAGE_WIDTHS = (16, 32, 64)  # He et al.'s CIFAR ResNets, times a wide Res
 # A ResNet-18's stem: conv kernel, conv stride, 3x3/2 max-pool after it. The paper's ImageNet stem
 # leaves layer1 8x8 maps of a 32x32 image, where the CIFAR literature's 3x3 stem keeps 32x32;
 # the three between keep 16x16 at about 4x the paper's cost at its 64 channels, and at about its
-# cost with 32 (README, "The networks").
+# cost with 32 (docs/training.md, "What the paper never tried").
 STEMS = {"imagenet": (7, 2, True), "imagenet-nopool": (7, 2, False),
          "imagenet-s1": (7, 1, True), "cifar-s2": (3, 2, False), "cifar": (3, 1, False)}
 
