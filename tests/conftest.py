@@ -52,6 +52,7 @@ def pytest_runtest_makereport(item, call):
 # files to its two workers in collection order (--no-loadscope-reorder), so these start first
 # and the short ones fill in around them, rather than one long file running alone at the end.
 LONGEST_FIRST = ["test_faults.py", "test_report.py", "test_train.py", "test_gpu_check.py",
+                 "test_docs.py", "test_own_network.py",
                  "test_search_workers.py", "test_step.py", "test_search_stops.py"]
 
 
