@@ -22,13 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_study.config import UsageError
 from resnet_study.data import store
 from resnet_study.data.loader import DeviceLoader, Mixing, normalization
 from resnet_study.data.loader import split as split_images
 from resnet_study.data.sources import ImageSet
 from resnet_study.data.store import load_images
 from resnet_study.data.tree import DataError
+from resnet_study.errors import UsageError
 
 from .helpers import (
     CIFAR10_CLASSES,

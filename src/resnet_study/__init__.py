@@ -7,8 +7,8 @@ from .config import (
     Experiment,
     ModelConfig,
     TrainConfig,
-    UsageError,
 )
+from .errors import UsageError
 from .models import CifarResNet, ResNet18, count_params
 from .models import build_model as _build_model
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from . import experiment_files
-from .config import BASE_EXPERIMENT, RECIPE_SECTIONS, SECTIONS, Experiment, UsageError
+from .config import BASE_EXPERIMENT, RECIPE_SECTIONS, SECTIONS, Experiment
+from .errors import UsageError
 from .experiment_files import OWN_GROUP, Entry
 from .models import check_network  # the networks' families register as models is imported
 

@@ -21,9 +21,8 @@ from .config import (
     RECIPE_SECTIONS,
     SECTION_OF,
     Experiment,
-    Interrupted,
-    UsageError,
 )
+from .errors import Interrupted, UsageError
 from .flags import add_config_flags, add_experiment_files, config_overrides
 
 EXIT_USAGE = 2

@@ -14,97 +14,15 @@ together, `labels`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
-import types
-import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-
-class UsageError(Exception):
-    """A problem the user can fix (bad value, missing file); the CLI prints it as one line."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT stopped a run after writing a checkpoint. A BaseException, so that
-    the handlers that record a run's failure (`except Exception`) let it through."""
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one line of at most `limit` characters: its type and its message with
-    every run of white space (newlines too) made one space. Every log line and record of a
-    failure cuts its error this way."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit].rstrip()
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
-
-
-def _check_fields(obj: Any) -> None:
-    """Validate every `Literal[...]` field of a dataclass against its allowed values, and
-    refuse non-finite numbers in any field, wherever they came from (a flag, a TOML file, a
-    config.json): `--lr inf` would otherwise train on NaN to the end."""
-    for name, spec in field_specs(type(obj)).items():
-        _check_type(obj, name, spec, getattr(obj, name))
-        value = getattr(obj, name)  # 1 made 1.0 where a float is due
-        _require(not spec.choices or value in spec.choices,
-                 f"{name} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")
-        numbers = value if isinstance(value, tuple) else (value,)
-        _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
-                 f"{name} must be a finite number, not {value!r}")
-
-
-class Options(tuple):
-    """A user's network's keyword arguments (its entry's `[name.model.options]` table):
-    read-only and hashable, so that a ModelConfig stays a frozen value; config.json and
-    `as_dict` give the table back."""
-
-    def __new__(cls, items: Any = ()) -> Options:
-        pairs = items.items() if isinstance(items, dict) else items
-        return super().__new__(cls, sorted((str(k), _frozen(v)) for k, v in pairs))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self}
-
-
-def _frozen(value: Any) -> Any:
-    _require(isinstance(value, str | int | float | bool | list | tuple),
-             f"options take numbers, strings, true or false and lists of them, not {value!r}")
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
-
-
-def _check_type(obj: Any, name: str, spec: FieldSpec, value: Any) -> None:
-    """Refuse a value of the wrong type (`lr = "fast"` in a TOML file, a string in a config.json)
-    with its name, before any check compares it; a whole number where a float is due is made
-    that float, so that 1 and 1.0 label a run alike."""
-    def fits(v: Any) -> bool:
-        if isinstance(v, bool) or spec.kind is bool:
-            return isinstance(v, bool) and spec.kind is bool
-        return isinstance(v, spec.kind) or (spec.kind is float and isinstance(v, int))
-
-    if spec.kind is Options:
-        _require(isinstance(value, dict | tuple | list),
-                 f"{name} must be a table of keyword arguments, not {value!r}")
-        object.__setattr__(obj, name, Options(value))
-        return
-    kind = TYPE_WORDS[spec.kind]
-    if spec.sequence:
-        _require(isinstance(value, tuple | list) and all(fits(v) for v in value),
-                 f"{name} must be a list of {kind.split(' ', 1)[1]}s, not {value!r}")
-        return
-    _require(fits(value) or (value is None and spec.optional),
-             f"{name} must be {kind}{' or none' if spec.optional else ''}, not {value!r}")
-    if spec.kind is float and isinstance(value, int):
-        object.__setattr__(obj, name, float(value))
-
+from .errors import UsageError
+from .errors import require as _require
+from .fields import Options, check_fields
 
 # The networks' families by name (`models.registry` adds each as it registers): the rules
 # each lays on the other model settings. A family `module:callable` is a user's network.
@@ -140,7 +58,7 @@ class ModelConfig:
     options: Options = field(default_factory=Options)
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         _require(self.width >= 1, f"width must be a whole number >= 1, not {self.width}")
         _require(self.channels >= 8, f"channels must be a whole number >= 8, not "
                                      f"{self.channels}")
@@ -185,7 +103,7 @@ class DataConfig:
     normalize: Literal["pixel", "channel"] = "pixel"  # mean image (the paper) or channel mean
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         for name in ("subset", "test_subset"):
             n = getattr(self, name)
             _require(n is None or n > 0, f"{name} must be > 0, not {n}")
@@ -239,7 +157,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         for name in ("epochs", "batch_size"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, not {getattr(self, name)}")
         _require(self.lr > 0, f"lr must be > 0, not {self.lr}")
@@ -303,7 +221,7 @@ class ExecutionConfig:
     log: tuple[str, ...] = field(default=("tensorboard",), metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         _require(self.eval_batch_size > 0,
                  f"eval_batch_size must be > 0, not {self.eval_batch_size}")
         object.__setattr__(self, "log", tuple(dict.fromkeys(t for t in self.log if t != "none")))
@@ -424,31 +342,6 @@ def differences(old: Experiment, new: Experiment, sections: Iterable[str] = SECT
                                                                           f.name)
             if not ignore(f) and before != now:
                 yield f.name, before, now
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """How to read a config field from text: its plain type, allowed values, whether None is ok."""
-
-    kind: type
-    choices: tuple = ()
-    optional: bool = False
-    sequence: bool = False  # a tuple of `kind`, written 60,120,160 on a command line
-
-
-def field_specs(cls: type) -> dict[str, FieldSpec]:
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin is Literal:
-            out[name] = FieldSpec(type(args[0]), args)
-        elif origin in (typing.Union, types.UnionType):
-            out[name] = FieldSpec(next(a for a in args if a is not type(None)), optional=True)
-        elif origin is tuple:
-            out[name] = FieldSpec(args[0], sequence=True)
-        else:
-            out[name] = FieldSpec(hint)
-    return out
 
 
 def _sections(d: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from . import config
 from .config import EXECUTION_FIELDS, RECIPE_SECTIONS, SECTION_OF
+from .errors import UsageError
 from .files import read_user_text
 
 ENTRY_KEYS = ("extends", "row", "notes", "group")
@@ -73,7 +73,7 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise config.UsageError(f"{path}: not valid TOML ({e})") from None
+        raise UsageError(f"{path}: not valid TOML ({e})") from None
 
 
 def _check_keys(where: str, name: str, spec: dict[str, Any]) -> None:
@@ -106,4 +106,4 @@ def _unknown(name: str, key: str) -> str:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise config.UsageError(message)
+        raise UsageError(message)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .config import UsageError
+from .errors import UsageError
 
 
 def _read_umask() -> int:

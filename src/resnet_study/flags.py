@@ -7,7 +7,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .config import SECTIONS, Options, field_specs
+from .config import SECTIONS
+from .fields import Options, field_specs
 
 
 def _parse_optional(kind: type):

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .config import RECIPE_SECTIONS, Experiment, UsageError, differences, one_line
+from .config import RECIPE_SECTIONS, Experiment, differences
 from .data.sources import ImageSet
 from .data.splits import check_sizes
 from .data.store import load_images
+from .errors import UsageError, one_line
 from .files import FolderHeld
 from .models import network, training_flops
 from .training.assembly import assemble

@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from multiprocessing.synchronize import Event as EventType
 from typing import Any, TypeVar
 
-from .config import Interrupted
+from .errors import Interrupted
 from .training.device import share_cores
 from .training.epoch import StopSignal
 

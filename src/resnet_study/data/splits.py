@@ -7,7 +7,8 @@ import dataclasses
 
 import torch
 
-from ..config import Experiment, UsageError
+from ..config import Experiment
+from ..errors import UsageError
 from ..ranks import Ranks
 from .loader import DeviceLoader, Mixing, normalization, split
 from .sources import ImageSet

@@ -26,7 +26,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..config import UsageError
+from ..errors import UsageError
 
 SIZE = 32  # CIFAR images are 32x32; so must every image be
 # The files the official layouts read, at the top or inside one top folder.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import UsageError
+from ..errors import UsageError
 
 MIN_CAM_SIZE = 4  # Grad-CAM's layer: the deepest stage (or convolution) with maps at least 4x4
 

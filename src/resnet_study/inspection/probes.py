@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import UsageError
+from ..errors import UsageError
 from ..files import atomic_open, write_csv, write_json
 from ..models import BasicBlock
 from ..plots import save

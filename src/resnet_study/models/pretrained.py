@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import UsageError, one_line
+from ..errors import UsageError, one_line
 from ..files import load_tensors
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1, named here so that importing the model

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import FAMILY_RULES, ModelConfig, UsageError, one_line
+from ..config import FAMILY_RULES, ModelConfig
+from ..errors import UsageError, one_line
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, UsageError
+from ..config import ModelConfig
+from ..errors import UsageError
 from .registry import register_family
 
 STAGE_WIDTHS = (1, 2, 4, 8)  # ResNet-18's stages, times its layer1 channels C and width k

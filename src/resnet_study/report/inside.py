@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import BASE_EXPERIMENT, one_line
+from ..config import BASE_EXPERIMENT
+from ..errors import one_line
 from ..files import write_csv
 from ..inspection import probes
 from ..inspection.probes import MEASURES

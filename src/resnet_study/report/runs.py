@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..catalogue import PRESETS
-from ..config import Experiment, UsageError
+from ..config import Experiment
+from ..errors import UsageError
 from ..training.run_folder import RunFolder, Unreadable
 
 CURVES = ("train_loss", "test_loss", "test_top1")  # the metrics.csv columns the figures draw

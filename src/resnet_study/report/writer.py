@@ -16,9 +16,10 @@ import numpy as np
 from scipy import stats
 
 from ..catalogue import PRESETS
-from ..config import BASE_EXPERIMENT, PAPER, UsageError
+from ..config import BASE_EXPERIMENT, PAPER
 from ..data.sources import ImageSet
 from ..data.store import load_images
+from ..errors import UsageError
 from ..files import write_csv, write_rows, write_text
 from ..labels import (
     LITERATURE,

@@ -19,9 +19,9 @@ from ..config import (
     RECIPE_SECTIONS,
     SECTION_OF,
     differences,
-    one_line,
 )
 from ..data.sources import ImageSet
+from ..errors import one_line
 from ..experiment_files import NAME
 from ..files import write_csv, write_json, write_text
 from ..plots import Figure, plt, save

@@ -16,9 +16,9 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from ..config import UsageError, one_line
 from ..data.splits import check_sizes
 from ..data.store import load_images
+from ..errors import UsageError, one_line
 from ..training.trackers import check as check_trackers
 from ..workers import Worker, run_jobs
 from .outputs import write_outputs

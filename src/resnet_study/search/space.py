@@ -25,9 +25,9 @@ from ..config import (
     SECTION_OF,
     SECTIONS,
     Experiment,
-    UsageError,
     differences,
 )
+from ..errors import UsageError
 from ..files import read_user_text
 
 # What sets a search's fidelity (its flags), never a knob.

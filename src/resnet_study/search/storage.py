@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from ..config import UsageError
+from ..errors import UsageError
 
 HEARTBEAT_SECONDS = 10  # a PostgreSQL trial's heartbeat; one silent for GRACE_SECONDS is dead
 GRACE_SECONDS = 60

@@ -30,10 +30,9 @@ from ..config import (
     RECIPE_SECTIONS,
     SECTION_OF,
     Experiment,
-    Interrupted,
-    UsageError,
 )
 from ..data.store import load_images
+from ..errors import Interrupted, UsageError
 from ..models import training_flops
 from ..training.epoch import StopSignal
 from ..training.run_folder import RunFolder

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import Experiment, UsageError
+from ..config import Experiment
 from ..data.splits import Splits, make_splits
+from ..errors import UsageError
 from ..models import build_model
 from ..ranks import Ranks, init_ranks
 from .checkpoint import check_fits, set_rng_state

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RESUMABLE, Experiment, UsageError, differences
+from ..config import RESUMABLE, Experiment, differences
 from ..data.splits import Splits, make_splits
+from ..errors import UsageError
 from ..files import load_tensors, write_bytes
 from ..models import build_model
 from .device import autocast_dtype, resolve_device

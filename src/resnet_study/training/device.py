@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import UsageError
+from ..errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..catalogue import PRESETS
-from ..config import Experiment, UsageError
+from ..config import Experiment
+from ..errors import UsageError
 from ..files import FolderHeld, atomic_open, hold, write_csv, write_json
 from ..ranks import from_rank0, init_ranks, is_main, leave, world_size
 from .device import resolve_device

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ExecutionConfig, TrainConfig, one_line
+from ..config import ExecutionConfig, TrainConfig
+from ..errors import one_line
 from .device import autocast
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..config import SECTIONS, Experiment, UsageError, one_line
+from ..config import SECTIONS, Experiment
+from ..errors import UsageError, one_line
 from .callbacks import Callback, RunStart, Stop
 from .run_folder import RunFolder
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import Experiment, Interrupted, UsageError, one_line
+from ..config import Experiment
+from ..errors import Interrupted, UsageError, one_line
 from ..models import count_params
 from ..ranks import is_main
 from .assembly import Assembly, assemble
