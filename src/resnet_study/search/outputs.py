@@ -29,6 +29,35 @@ from ..report.page import STYLE, figure_html
 from .space import FIDELITY
 from .trials import OBJECTIVE, Search, counted, outcome, trial_experiment
 
+
+def _rungs(study: optuna.Study):
+    """Each trained trial's validation top-1 at the end of each schedule it ran, the best one in
+    colour: Optuna's own figure gives each trial a legend entry (unreadable past a dozen) and
+    leaves out the last rung, whose value is the trial's value rather than an intermediate."""
+    trials, best = [], None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        points = dict(t.intermediate_values)
+        if t.state == TrialState.COMPLETE:
+            points[t.user_attrs.get("epochs", max(points, default=0))] = t.value
+            best = t if best is None or t.value > best.value else best
+        if points:
+            trials.append((t, sorted(points.items())))
+    if not trials:
+        raise ValueError("no trial has reached the end of a schedule yet")
+    fig, ax = plt.subplots()
+    for t, points in trials:
+        mine = t is best
+        ax.plot(*zip(*points), marker="o", markersize=3, linewidth=2 if mine else 0.8,
+                color="C0" if mine else "0.65", zorder=3 if mine else 1,
+                label=f"trial {t.number} (best, {t.value:.4f})" if mine else None)
+    ax.set_xticks(sorted({epochs for _, points in trials for epochs, _ in points}))
+    ax.set(xlabel="epochs of the rung's complete schedule", ylabel="validation top-1",
+           title="Validation top-1 at each rung's end")
+    if best is not None:
+        ax.legend(loc="lower right")
+    return ax
+
+
 FIGURES = {  # name: (Optuna's figure, caption)
     "history": (vis.plot_optimization_history, "Optimisation history: each trial's validation "
                 "top-1, and the best so far."),
@@ -36,9 +65,9 @@ FIGURES = {  # name: (Optuna's figure, caption)
                     "evaluator, PED-ANOVA) for the validation top-1, over the completed trials."),
     "parallel": (vis.plot_parallel_coordinate, "Parallel coordinates: each completed trial's "
                  "knobs and its validation top-1."),
-    "intermediate": (vis.plot_intermediate_values, "Validation top-1 at the end of each "
-                     "rung's complete schedule (its epochs on the axis), per trial: where the "
-                     "pruner stopped the pruned ones."),
+    "intermediate": (_rungs, "Validation top-1 at the end of each rung's "
+                     "complete schedule (its epochs on the axis), per trial: where the pruner "
+                     "stopped the pruned ones, and how far the best one went."),
 }
 _MAX_PARALLEL = 8  # knobs the parallel coordinates can show and still be read
 _MIN_RANKED = 10  # completed trials below which the knobs are not ranked
