@@ -47,7 +47,7 @@ def _rungs(study: optuna.Study):
     fig, ax = plt.subplots()
     for t, points in trials:
         mine = t is best
-        ax.plot(*zip(*points), marker="o", markersize=3, linewidth=2 if mine else 0.8,
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, linewidth=2 if mine else 0.8,
                 color="C0" if mine else "0.65", zorder=3 if mine else 1,
                 label=f"trial {t.number} (best, {t.value:.4f})" if mine else None)
     ax.set_xticks(sorted({epochs for _, points in trials for epochs, _ in points}))
