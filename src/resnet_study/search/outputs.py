@@ -58,7 +58,7 @@ def _rungs(study: optuna.Study):
     return ax
 
 
-FIGURES = {  # name: (Optuna's figure, caption)
+FIGURES = {  # name: (the figure drawn from the study: Optuna's or _rungs, caption)
     "history": (vis.plot_optimization_history, "Optimisation history: each trial's validation "
                 "top-1, and the best so far."),
     "importances": (vis.plot_param_importances, "Parameter importances (Optuna's default "
