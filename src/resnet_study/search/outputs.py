@@ -30,18 +30,28 @@ from .space import FIDELITY
 from .trials import OBJECTIVE, Search, counted, outcome, trial_experiment
 
 
+def _judged_after(t: optuna.trial.FrozenTrial) -> int | None:
+    """The epochs of the last schedule the trial ran to its end."""
+    return t.user_attrs.get("epochs", max(t.intermediate_values, default=None))
+
+
+def _schedule_ends(t: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """Validation top-1 at the end of each complete schedule the trial ran: each rung's
+    intermediate value, and a completed trial's own value at its last rung."""
+    points = dict(t.intermediate_values)
+    if t.state == TrialState.COMPLETE:
+        points[_judged_after(t)] = t.value
+    return points
+
+
 def _rungs(study: optuna.Study):
     """Each trained trial's validation top-1 at the end of each schedule it ran, the best one in
     colour: Optuna's own figure gives each trial a legend entry (unreadable past a dozen) and
     leaves out the last rung, whose value is the trial's value rather than an intermediate."""
-    trials, best = [], None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        points = dict(t.intermediate_values)
-        if t.state == TrialState.COMPLETE:
-            points[t.user_attrs.get("epochs", max(points, default=0))] = t.value
-            best = t if best is None or t.value > best.value else best
-        if points:
-            trials.append((t, sorted(points.items())))
+    ran = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    best = max((t for t in ran if t.state == TrialState.COMPLETE), key=lambda t: t.value,
+               default=None)
+    trials = [(t, sorted(points.items())) for t in ran if (points := _schedule_ends(t))]
     if not trials:
         raise ValueError("no trial has reached the end of a schedule yet")
     fig, ax = plt.subplots()
@@ -104,7 +114,7 @@ def write_outputs(search: Search, study: optuna.Study, images: ImageSet) -> dict
 def _row(search: Search, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     retried = t.system_attrs.get("failed_trial")
     return {"number": t.number, "state": t.state.name, "value": t.value,
-            "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=None)),
+            "epochs": _judged_after(t),
             "seconds": t.user_attrs.get("seconds"),
             "gflop_per_image": t.user_attrs.get("gflop_per_image"),
             "outcome": outcome(t), "paper_row": t.user_attrs.get("paper_row"),
