@@ -225,6 +225,26 @@ def test_every_paper_row_but_the_pretrained_one_fits_the_default_space():
     assert "nesterov" in fits["resnet18-lr0.1"] and "grad_clip" not in fits["resnet18-lr0.1"]
 
 
+def test_around_an_improved_experiment_it_comes_first_then_the_papers_rows_exactly():
+    """Issue 31: around improved-resnet18 no row was queued (its test-time flips and its
+    clipping counted as settings that the rows change). The searched experiment comes first,
+    then each paper's row that fits, every one the preset it names, to the letter."""
+    from resnet_study.config import EXECUTION_FIELDS, RECIPE_SECTIONS, differences
+    from resnet_study.search.space import FIDELITY
+    from resnet_study.search.trials import Search, paper_rows, trial_experiment
+
+    base = get_experiment("improved-resnet18").replace(val_split=5000, test_split=False)
+    search = Search(out=Path("s"), base=base, space=load_space(None, base), fixed={}, trials=48,
+                    max_gflop=0.92)
+    rows = paper_rows(search, 10)
+    assert [n for n, _ in rows] == ["improved-resnet18", *(
+        n for n in GROUPS["paper"] if n != "resnet18-pretrained")]
+    for name, params in rows:
+        unlike = differences(trial_experiment(search, params), get_experiment(name),
+                             RECIPE_SECTIONS, ignore=lambda f: f.name in EXECUTION_FIELDS)
+        assert [d for d in unlike if d[0] not in FIDELITY | {"tta"}] == [], name
+
+
 def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
     path = tmp_path / "space.toml"
     path.write_text('[width]\nchoices = [2]\n[lr]\nlow = 0.01\nhigh = 0.1')
@@ -240,8 +260,10 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
 def test_the_default_space_searches_around_any_experiment(name, tmp_path):
     """Issue 30: a search around an Adam experiment was refused (`nesterov applies to sgd
     only`). Around each experiment, every draw of the default space makes a valid trial: a
-    knob whose `when` does not hold keeps the experiment's value, or its default where that
-    value needs the `when` (a Nesterov SGD entry's Nesterov under a drawn Adam)."""
+    knob whose setting's `when` does not hold keeps the experiment's value, or its default
+    where that value needs the `when` (a Nesterov SGD entry's Nesterov under a drawn Adam); one
+    that a switch turns off is off (issue 31: `clipping = false` clipped at the experiment's
+    2.57 around improved-resnet18)."""
     import optuna
 
     from resnet_study.search.trials import Search, trial_experiment
@@ -256,8 +278,11 @@ def test_the_default_space_searches_around_any_experiment(name, tmp_path):
     optimizers = set()
     for _ in range(60):
         trial = study.ask()
-        exp = trial_experiment(search, search.space.draw(trial, search.defaults()))
+        drawn = search.space.draw(trial, search.defaults())
+        exp = trial_experiment(search, drawn)
         optimizers.add(exp.train.optimizer)
+        assert (exp.train.grad_clip > 0) == drawn["clipping"]
+        assert (exp.train.mixup > 0) == (drawn["mixing"] in ("mixup", "both"))
         assert exp.train.nesterov in ((False,) if exp.train.optimizer != "sgd"
                                       else (False, True))
         study.tell(trial, 0.0)

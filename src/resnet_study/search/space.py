@@ -32,6 +32,9 @@ from ..files import read_user_text
 
 # What sets a search's fidelity (its flags), never a knob.
 FIDELITY = {"epochs", "subset", "val_split", "test_subset"}
+# What changes neither a trial's training nor its validation figure (test-time flips): two
+# experiments that differ only there are the same trial.
+UNJUDGED = {"tta"}
 KNOB_KEYS = {"choices", "low", "high", "log", "step", "when"}
 
 
@@ -51,6 +54,12 @@ class Knob:
 
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(k) in allowed for k, allowed in self.when)
+
+    def switched_off(self, values: dict[str, Any]) -> bool:
+        """Whether a switch this knob needs is off: then the knob is off, at its default, not at
+        the searched experiment's value (`clipping = false` clips nothing, whatever the
+        experiment clipped at)."""
+        return any(k not in SECTION_OF and values.get(k) not in allowed for k, allowed in self.when)
 
     def draw(self, trial: optuna.Trial) -> Any:
         if self.choices is not None:
@@ -91,10 +100,13 @@ class Space:
         return drawn
 
     def experiment(self, base: Experiment, drawn: dict[str, Any]) -> Experiment:
-        """`base` with a trial's knobs (its switches left out). A knob not drawn, its `when`
-        not holding, keeps `base`'s value, or its default where that value needs what the
-        `when` names: around a Nesterov SGD experiment a drawn Adam turns Nesterov off."""
-        values = {k: v for k, v in drawn.items() if k in SECTION_OF}
+        """`base` with a trial's knobs (its switches left out). A knob that a switch turns off
+        takes its default; one not drawn because a setting's `when` does not hold keeps
+        `base`'s value, or its default where that value needs what the `when` names: around a
+        Nesterov SGD experiment a drawn Adam turns Nesterov off."""
+        values = {k: v for k, v in drawn.items() if k in SECTION_OF} | {
+            k.name: default_of(k.name) for k in self.knobs
+            if not k.switch and k.name not in drawn and k.switched_off(drawn)}
         try:
             return base.replace(**values)
         except UsageError:
@@ -118,7 +130,7 @@ class Space:
         weights, say), or a value lies outside its knob's range."""
         knobs = {k.name for k in self.knobs}
         for name, _, _ in _recipe_differences(base, exp):
-            if name not in knobs and name not in FIDELITY:
+            if name not in knobs and name not in FIDELITY | UNJUDGED:
                 return None
         switches = [k for k in self.knobs if k.switch]
         for combination in itertools.product(*(k.choices for k in switches)):
@@ -133,7 +145,9 @@ class Space:
         values, params = dict(fixed), {}
         for knob in self.knobs:
             if not knob.active(values):
-                if not knob.switch and _value(exp, knob.name) != _value(base, knob.name):
+                if not knob.switch and _value(exp, knob.name) != (
+                        default_of(knob.name) if knob.switched_off(values)
+                        else _value(base, knob.name)):
                     return None  # exp sets a knob that this combination leaves off
                 continue
             value = switches[knob.name] if knob.switch else _value(exp, knob.name)

@@ -144,8 +144,8 @@ def make_pruner(name: str, min_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
-    """The search's study: created with the paper's rows queued first, or loaded and checked
-    to be this search."""
+    """The search's study: created with its first trials queued (`paper_rows`), or loaded and
+    checked to be this search."""
     # The search prints its own line for every trial, a failed one too: Optuna's warnings of
     # those (with a traceback each) would only repeat it.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -169,11 +169,15 @@ def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
 
 
 def paper_rows(search: Search, classes: int) -> list[tuple[str, dict[str, Any]]]:
-    """The paper's rows that the space expresses and the budget admits, with their knobs. The
-    flags' settings hold for them too: a row that then equals an earlier one is left out."""
+    """The trials queued first, with their knobs: the searched experiment (the reference every
+    draw is measured against), then the paper's rows, each where the space expresses it and the
+    budget admits it. The flags' settings hold for them too: a row that then equals an earlier
+    one is left out."""
+    paper = PRESETS.groups()["paper"]
+    queued = [] if search.base.name in paper else [(search.base.name, search.base)]
+    queued += [(name, PRESETS.get(name).replace(**search.fixed)) for name in paper]
     rows, seen = [], set()
-    for name in PRESETS.groups()["paper"]:
-        row = PRESETS.get(name).replace(**search.fixed)
+    for name, row in queued:
         params = search.space.params_of(row, search.base, search.fixed)
         if params is None or json.dumps(params, sort_keys=True) in seen:
             continue
