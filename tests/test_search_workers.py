@@ -64,13 +64,17 @@ def test_one_worker_labels_a_users_experiment_as_two_do(space, tmp_path):
 
 
 def check_labels(out: Path, mine: Path) -> None:
-    """Each trial's label is its departures from the user's entry: fidelity and knobs."""
+    """Each trial's label is its departures from the user's entry: fidelity and knobs. The
+    first trial is the entry itself (queued), the others departures drawn."""
     entry = PRESETS.with_files([mine]).get("mine")
     fidelity = {"epochs": 1, "subset": 64, "val_split": 32, "batch_size": 32}
-    for row in search_trials(out):
+    rows = search_trials(out)
+    assert [r["paper_row"] for r in rows] == ["mine"] + [""] * (len(rows) - 1)
+    for row in rows:
         params = {k: json.loads(row[k].lower()) if row[k] in ("True", "False")
                   else type(getattr(entry.train, k))(row[k])
                   for k in ("lr", "optimizer", "nesterov") if row[k]}
         summary = json.loads((out / row["run"] / "summary.json").read_text())
         assert summary["settings"] == entry.replace(**fidelity, **params).settings, row
-        assert summary["settings"].startswith("custom: ") and "lr=" in summary["settings"]
+        assert summary["settings"].startswith("custom: ")
+        assert ("lr=" in summary["settings"]) == (not row["paper_row"])
