@@ -27,7 +27,7 @@ study() { "$PYTHON" -m resnet_study "$@"; }
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
     DEVICE=cpu DATA=synthetic BUDGET=600
     BENCH=(--batch-size 32 --batches 1 --windows 1)
-    LITERATURE=(--batch-size 8 --batches 1 --windows 1 --warmup 1)
+    LITERATURE=(--batch-size 2 --batches 1 --windows 1 --warmup 1)
     BASE=(--epochs 1 --subset 256 --test-subset 256 --batch-size 64)
     ROWS=(resnet18-lr0.01 resnet18-adam --subset 128 --test-subset 128 --batch-size 64)
 else

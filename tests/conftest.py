@@ -48,12 +48,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, where every test must run: {reason}"
 
 
-# The files that take longest, longest first (measured 2026-12-06): `make test` hands whole
+# The files that take longest, longest first (measured 2026-12-07): `make test` hands whole
 # files to its two workers in collection order (--no-loadscope-reorder), so these start first
 # and the short ones fill in around them, rather than one long file running alone at the end.
-LONGEST_FIRST = ["test_faults.py", "test_report.py", "test_train.py", "test_gpu_check.py",
-                 "test_docs.py", "test_own_network.py",
-                 "test_search_workers.py", "test_step.py", "test_search_stops.py"]
+LONGEST_FIRST = ["test_faults.py", "test_report.py", "test_gpu_check.py", "test_train.py",
+                 "test_data.py", "test_bad_input.py", "test_search_workers.py",
+                 "test_own_network.py", "test_inspection.py", "test_study.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from resnet_study.catalogue import PRESETS
 from resnet_study.data import store
 from resnet_study.data.loader import DeviceLoader, Mixing, normalization
 from resnet_study.data.loader import split as split_images
@@ -29,6 +30,7 @@ from resnet_study.data.sources import ImageSet
 from resnet_study.data.store import load_images
 from resnet_study.data.tree import DataError
 from resnet_study.errors import UsageError
+from resnet_study.training.train import train
 
 from .helpers import (
     CIFAR10_CLASSES,
@@ -562,9 +564,11 @@ def test_mixed_epochs_resume_exactly_and_split_over_ranks_as_one_process() -> No
 
 # --- the real CIFAR-10 images, when present ---------------------------------------------------
 
+# Both tests read it through the session's data cache: decoded once (15 s), not once each.
+
 @pytest.mark.slow
-def test_cifar10_jpeg(cache: Path, standin: Path) -> None:
-    s = load(standin, cache)
+def test_cifar10_jpeg(standin: Path) -> None:
+    s = load_images(str(standin), progress=False)
     assert s.name == "cifar10-jpeg" and s.classes == CIFAR10_CLASSES
     assert s.train_images.shape == (50_000, 3, 32, 32)
     assert s.test_images.shape == (10_000, 3, 32, 32)
@@ -572,3 +576,18 @@ def test_cifar10_jpeg(cache: Path, standin: Path) -> None:
     assert np.bincount(s.test_labels).tolist() == [1000] * 10
     mean = s.train_images.mean(axis=(0, 2, 3))
     assert np.allclose(mean, [125.27, 122.93, 113.86], rtol=0, atol=0.5)
+
+
+@pytest.mark.slow
+def test_learns_real_images(tmp_path: Path, standin: Path) -> None:
+    """The paper's recipe on 2,500 real CIFAR-10 images (the JPEG stand-in), two epochs, tested
+    on 2,000 of its test images.
+
+    Measured 0.294 and 0.3215 top-1 (seeds 0 and 1) on 2026-12-07, chance 0.10 (5,000 images
+    gave 0.3645 and cost the suite 12 s more); the bar leaves room for seed and machine noise
+    while still failing for a broken crop, label order or normalisation.
+    """
+    exp = PRESETS.get("resnet18-lr0.01").replace(
+        data=str(standin), subset=2500, test_subset=2000, batch_size=128, epochs=2,
+        eval_batch_size=1000)
+    assert train(exp, tmp_path, quiet=True)["test_top1"] > 0.22

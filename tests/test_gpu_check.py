@@ -26,7 +26,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert "graphs / eager" in summary
     for name, epochs in (("resnet-110", 164), ("wrn-16-8", 200)):
         line = next(line for line in summary.splitlines() if f"bench {name} " in line)
-        assert "img/s at batch 8" in line and f"published recipe ({epochs} epochs)" in line
+        assert "img/s at batch 2" in line and f"published recipe ({epochs} epochs)" in line
     base = next(line for line in summary.splitlines() if line.split()[:3] == ["base", "run,", "1"])
     assert "completed, top-1" in base and "graph not captured" in base  # no CUDA here
     wall, train, evaluation = map(float, re.search(

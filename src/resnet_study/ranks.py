@@ -4,6 +4,7 @@ to all of them. The lowest layer that knows of several processes: data and train
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import torch
@@ -64,6 +65,11 @@ def from_rank0(word: str | None) -> str | None:
 
 
 def leave() -> None:
-    """Leave torchrun's group, if this process joined one."""
+    """Leave torchrun's group, if this process joined one. The run's DDP wrapper is still alive
+    here, in a reference cycle, and holds the group: collected only at interpreter exit, the
+    gloo group's threads can abort the process after its run ended well (CI saw SIGABRT,
+    "terminate called without an active exception"). So it is collected first, while Python
+    is whole."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
