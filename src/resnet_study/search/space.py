@@ -55,11 +55,13 @@ class Knob:
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(k) in allowed for k, allowed in self.when)
 
-    def switched_off(self, values: dict[str, Any]) -> bool:
-        """Whether a switch this knob needs is off: then the knob is off, at its default, not at
-        the searched experiment's value (`clipping = false` clips nothing, whatever the
-        experiment clipped at)."""
-        return any(k not in SECTION_OF and values.get(k) not in allowed for k, allowed in self.when)
+    def undrawn(self, values: dict[str, Any], base: Experiment) -> Any:
+        """This setting's value in a trial that does not draw it: its default where a switch it
+        needs is off (`clipping = false` clips nothing, whatever `base` clipped at), else
+        `base`'s. The one rule both ways: a trial from its knobs, and knobs from a row."""
+        switched_off = any(k not in SECTION_OF and values.get(k) not in allowed
+                           for k, allowed in self.when)
+        return default_of(self.name) if switched_off else _value(base, self.name)
 
     def draw(self, trial: optuna.Trial) -> Any:
         if self.choices is not None:
@@ -105,8 +107,8 @@ class Space:
         `base`'s value, or its default where that value needs what the `when` names: around a
         Nesterov SGD experiment a drawn Adam turns Nesterov off."""
         values = {k: v for k, v in drawn.items() if k in SECTION_OF} | {
-            k.name: default_of(k.name) for k in self.knobs
-            if not k.switch and k.name not in drawn and k.switched_off(drawn)}
+            k.name: k.undrawn(drawn, base) for k in self.knobs
+            if not k.switch and k.name not in drawn}
         try:
             return base.replace(**values)
         except UsageError:
@@ -114,7 +116,7 @@ class Space:
                     if SECTION_OF[name] in RECIPE_SECTIONS} | drawn
             off = {k.name: default_of(k.name) for k in self.knobs
                    if k.when and not k.switch and not k.active(seen)}
-            return base.replace(**{**off, **values})
+            return base.replace(**{**values, **off})  # off: only knobs not drawn
 
     def to_dict(self) -> dict[str, Any]:
         return {k.name: k.to_dict() for k in self.knobs}
@@ -145,9 +147,7 @@ class Space:
         values, params = dict(fixed), {}
         for knob in self.knobs:
             if not knob.active(values):
-                if not knob.switch and _value(exp, knob.name) != (
-                        default_of(knob.name) if knob.switched_off(values)
-                        else _value(base, knob.name)):
+                if not knob.switch and _value(exp, knob.name) != knob.undrawn(values, base):
                     return None  # exp sets a knob that this combination leaves off
                 continue
             value = switches[knob.name] if knob.switch else _value(exp, knob.name)
