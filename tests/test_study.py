@@ -153,18 +153,31 @@ def test_the_estimate_comes_after_the_first_epoch_and_weighs_each_run(tmp_path):
     runs = plan(presets(["resnet18-lr0.01", "resnet18-wide"]), 1, tmp_path / "new",
                 {**TINY, "epochs": 2}, quick=False)
     clock = Clock(runs, {"synthetic": load_images("synthetic")}, workers=1)
-    total = clock.first_epoch(runs[0], {"epoch_seconds": 10.0})
+    total = clock.epoch(runs[0], {"epoch_seconds": 10.0})
     wide = training_flops(runs[1].experiment.model, 10) / training_flops(
         runs[0].experiment.model, 10)
     assert 3 < wide < 5  # width 2: about 4x the work per image
     assert total == pytest.approx(10.0 * 2 * (1 + wide))
     assert clock.estimate(runs[1]) == pytest.approx(10.0 * 2 * wide)
-    assert clock.first_epoch(runs[0], {"epoch_seconds": 99.0}) is None  # said once
+    assert clock.epoch(runs[0], {"epoch_seconds": 99.0}) is None  # said once
+
+
+def test_the_time_left_counts_the_epochs_of_runs_still_going(tmp_path):
+    """Two workers, four equal 2-epoch runs: when the first run finishes, the second has
+    trained as long. The two left take as long again; counting finished runs alone (as the
+    study did) said three times that."""
+    runs = plan(presets(["resnet18-lr0.01"]), 4, tmp_path, {**TINY, "epochs": 2}, quick=False)
+    clock = Clock(runs, {"synthetic": load_images("synthetic")}, workers=2)
+    for run in runs[:2]:
+        for _ in range(2):
+            clock.epoch(run, {"epoch_seconds": 50.0})
+    clock.start -= 100.0  # the two workers' 100 s
+    assert clock.finished(runs[0]) == pytest.approx(100.0, rel=0.05)
 
 
 def test_a_long_study_on_a_cpu_points_to_quick_and_the_gpu(tmp_path, monkeypatch):
-    real = Clock.first_epoch  # as if the one epoch of this one run had taken three days
-    monkeypatch.setattr(Clock, "first_epoch", lambda self, run, row: real(
+    real = Clock.epoch  # as if the one epoch of this one run had taken three days
+    monkeypatch.setattr(Clock, "epoch", lambda self, run, row: real(
         self, run, {**row, "epoch_seconds": 3 * 24 * 3600.0}))
     lines = []
     run_study(plan(presets(["resnet18-lr0.01"]), 1, tmp_path, TINY, quick=False), log=lines.append)

@@ -150,11 +150,12 @@ def prepare(runs: list[Run], root: Path,
 
 
 class Clock:
-    """The study's wall time, estimated from its first epoch and then from its finished runs.
+    """The study's wall time, estimated from its first epoch and then from every epoch done.
 
     Runs differ in cost: a run's epoch weighs its training FLOPs per image times its images
     (the test pass counted as a third of a training step), so one measured epoch of any run
-    prices all of them.
+    prices all of them. Epochs of runs still going count as done: with several workers, the
+    finished runs alone made the time left look workers-times longer.
     """
 
     def __init__(self, todo: list[Run], images: dict[str, ImageSet], workers: int) -> None:
@@ -166,20 +167,25 @@ class Clock:
         self.seconds_per_cost: float | None = None
         self.done = 0.0
 
-    def first_epoch(self, run: Run, row: dict) -> float | None:
-        """The whole study's estimated wall time, once: from the first epoch measured."""
+    def epoch(self, run: Run, row: dict) -> float | None:
+        """Count an epoch of `run` done. The whole study's estimated wall time, once: from the
+        first epoch measured (None after)."""
+        self.done += self.per_epoch[run.label]
+        self.left[run.label] = max(0.0, self.left[run.label] - self.per_epoch[run.label])
         if self.seconds_per_cost is not None:
             return None
         self.seconds_per_cost = row["epoch_seconds"] / self.per_epoch[run.label]
-        return self.seconds_per_cost * sum(self.left.values()) / self.workers
+        return self.seconds_per_cost * (sum(self.left.values()) + self.per_epoch[run.label]) \
+            / self.workers
 
     def estimate(self, run: Run) -> float:
         """The estimated wall time of all that is left of `run`, at the first epoch's pace."""
         return self.seconds_per_cost * self.left[run.label]
 
     def finished(self, run: Run) -> float | None:
-        """Seconds left after `run`, at the pace of the runs finished so far."""
-        self.done += self.left.pop(run.label)
+        """Seconds left after `run`, at the pace of all the epochs done so far (what `run` did
+        not train, stopped or diverged early, is not left)."""
+        self.left.pop(run.label)
         if self.done:
             return (time.monotonic() - self.start) / self.done * sum(self.left.values())
         return None
@@ -265,7 +271,7 @@ def run_study(runs: list[Run], devices: list[str] | None = None, runs_per_device
         _in_workers(todo, devices, news)
     else:
         for run in todo:
-            news.finished(run, execute(run, on_epoch=news.first_epoch))
+            news.finished(run, execute(run, on_epoch=news.epoch))
     return outcomes
 
 
@@ -295,8 +301,8 @@ class _Progress:
     log: Callable[[str], None]
     done: int = 0
 
-    def first_epoch(self, run: Run, row: dict) -> None:
-        total = self.clock.first_epoch(run, row)
+    def epoch(self, run: Run, row: dict) -> None:
+        total = self.clock.epoch(run, row)
         if total is None:
             return
         self.log(f"study: about {_duration(total)} in all on this machine ({run.label} about "
@@ -331,7 +337,7 @@ def _in_workers(todo: list[Run], devices: list[str], news: _Progress) -> None:
         news.finished(run, result)
 
     run_jobs(_run_on_worker, todo, devices, on_done=done,
-             on_message=lambda message: news.first_epoch(*message))
+             on_message=lambda message: news.epoch(*message))
 
 
 def _run_on_worker(run: Run, worker: Worker) -> dict:
