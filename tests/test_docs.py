@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_study.cli import build_parser
+from resnet_study.flags import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
