@@ -41,12 +41,12 @@ def check_param_counts() -> str:
     return f"{len(GROUPS['paper'])} experiments equal the paper"
 
 
-def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
+def check_bf16_against_fp32(device: torch.device, steps: int = 5, batch: int = 64) -> str:
     """A few steps from one initialisation on one batch: bf16 autocast tracks float32."""
     exp = EXPERIMENTS["resnet18-lr0.01"]
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (64,), device=device)
+    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (batch,), device=device)
     initial = ResNet18(exp.model).state_dict()
     losses = {}
     for precision in ("fp32", "bf16"):
@@ -60,12 +60,13 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5) -> str:
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
-def check_graph_step(device: torch.device, name: str, steps: int = 12, batch: int = 64) -> str:
+def check_graph_step(device: torch.device, name: str, steps: int = 12, batch: int = 64,
+                     channels: int | None = None) -> str:
     """The step replayed as a CUDA graph against PyTorch's eager step, from one initialisation
     on the same batches (on a CPU the graph-ready step runs uncaptured). In float64, so that
     rounding, which training on noise amplifies from step to step, stays far below the
     yardstick: how far an eager run moves when one initial weight moves by one float32 ulp."""
-    exp = EXPERIMENTS[name]
+    exp = EXPERIMENTS[name] if channels is None else EXPERIMENTS[name].replace(channels=channels)
     torch.manual_seed(0)
     batches = [(torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float64)
                 .to(memory_format=torch.channels_last),
@@ -134,11 +135,14 @@ def check_resume(device: torch.device, workdir: Path) -> str:
 def cuda_path(device_name: str, workdir: Path) -> int:
     device = torch.device(device_name)
     # GPU_CHECK_TINY (on a CPU, as a test runs it): the graph-ready step in float64 is slow
-    # there, and a few small batches already hold it against the eager step.
-    graph = {"steps": 4, "batch": 16} if os.environ.get("GPU_CHECK_TINY") == "1" else {}
+    # there, and a few small batches of a narrow network already hold it against the eager
+    # step (`tests/test_step.py` does so at 16 channels too).
+    tiny = os.environ.get("GPU_CHECK_TINY") == "1"
+    graph = {"steps": 4, "batch": 8, "channels": 16} if tiny else {}
+    bf16 = {"batch": 16} if tiny else {}
     results = {}
     for name, check in [("parameter counts", check_param_counts),
-                        ("bf16 vs fp32", lambda: check_bf16_against_fp32(device)),
+                        ("bf16 vs fp32", lambda: check_bf16_against_fp32(device, **bf16)),
                         ("checkpoint resume", lambda: check_resume(device, workdir)),
                         ("CUDA graph step, SGD", lambda: check_graph_step(
                             device, "resnet18-lr0.01", **graph)),
