@@ -135,6 +135,30 @@ def test_a_folder_holding_another_search_is_refused_with_the_difference(searched
                  "--precision", "fp32"]) == 0  # execution settings are no difference
 
 
+def test_its_journal_alone_goes_on_elsewhere_even_from_before_a_setting_existed(
+        searched, space, tmp_path, capsys):
+    """The journal is a search's whole state: copied alone into a folder of the same name, the
+    same command goes on there. Stored by a version before `ema_horizon` existed, it is still
+    this search; the setting at another value than its default is not."""
+    out, _ = searched
+    moved = tmp_path / out.name
+    moved.mkdir()
+    ops = [json.loads(line) for line in (out / "journal.log").read_text().splitlines()]
+    for op in ops:
+        if "definition" in op.get("user_attr", {}):
+            del op["user_attr"]["definition"]["recipe"]["train"]["ema_horizon"]
+    (moved / "journal.log").write_text("".join(json.dumps(op) + "\n" for op in ops))
+    command = ["search", "--space", str(space), "--out", str(moved), "--trials", "4",
+               "--epochs", "3", "--min-epochs", "1", "--test-subset", "48", "--pruner", "median",
+               *SEARCH_TINY]
+    assert main([*command, "--ema-horizon", "0.5"]) == 2
+    assert ("holds another search (recipe.train.ema_horizon: 0.0, not 0.5)"
+            in capsys.readouterr().err)
+    assert main(command) == 0
+    assert [(r["number"], r["value"]) for r in search_trials(moved)] == [
+        (r["number"], r["value"]) for r in search_trials(out)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--storage", "postgresql://nobody@127.0.0.1:9/none"], "--storage postgresql://nobody@"
                                                            "127.0.0.1:9/none: cannot open it"),

@@ -29,6 +29,7 @@ from ..catalogue import PRESETS
 from ..config import (
     RECIPE_SECTIONS,
     SECTION_OF,
+    SECTIONS,
     Experiment,
 )
 from ..data.store import load_images
@@ -161,7 +162,7 @@ def open_study(search: Search, storage: Storage, classes: int) -> optuna.Study:
             for name, params in paper_rows(search, classes)[:search.trials]:
                 study.enqueue_trial(params, user_attrs={"paper_row": name})
         else:
-            difference = first_difference(stored, search.definition())
+            difference = first_difference(with_new_settings(stored), search.definition())
             if difference:
                 raise UsageError(f"{search.out} holds another search ({difference}); "
                                  "choose another --out, or rerun it as it was started")
@@ -187,6 +188,16 @@ def paper_rows(search: Search, classes: int) -> list[tuple[str, dict[str, Any]]]
         seen.add(json.dumps(params, sort_keys=True))
         rows.append((name, params))
     return rows
+
+
+def with_new_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """A definition as an earlier version stored it, with the settings added since at their
+    defaults, which change nothing it searched: a long search goes on after an upgrade."""
+    defaults = json.loads(json.dumps({s: dataclasses.asdict(SECTIONS[s]())
+                                      for s in RECIPE_SECTIONS}))
+    recipe = stored.get("recipe", {})
+    return {**stored, "recipe": {s: {**defaults[s], **recipe.get(s, {})}
+                                 for s in RECIPE_SECTIONS}}
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str | None:
