@@ -27,23 +27,37 @@ def space(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def searched(space, tmp_path_factory):
-    """A search through the command line, in this process, with every evaluation recorded."""
+    """A search through the command line, in this process, with every evaluation recorded,
+    and the trials its folder listed when it first wrote its outputs before the end (asked
+    to as soon as a trial ended; once, as the figures cost seconds)."""
+    import resnet_study.search.run as run
     import resnet_study.training.epoch as epoch
 
     out = tmp_path_factory.mktemp("search") / "s"
-    evaluated = []
-    evaluate = epoch.evaluate
+    evaluated, listed = [], []
+    evaluate, write_outputs = epoch.evaluate, run.write_outputs
+
     with pytest.MonkeyPatch.context() as mp:
+        def write_and_look(search, study, images):
+            summary = write_outputs(search, study, images)
+            if not listed:
+                listed.append(search_trials(out))
+                mp.setattr(run, "OUTPUTS_SECONDS", float("inf"))  # the final write still comes
+            return summary
+
         mp.setattr(epoch, "evaluate", lambda model, loader, amp, **kw: evaluated.append(
             loader.num_images) or evaluate(model, loader, amp, **kw))
+        mp.setattr(run, "POLL_SECONDS", 0.05)
+        mp.setattr(run, "OUTPUTS_SECONDS", 0.0)
+        mp.setattr(run, "write_outputs", write_and_look)
         assert main(["search", "--space", str(space), "--out", str(out), "--trials", "4",
                      "--epochs", "3", "--min-epochs", "1", "--test-subset", "48",
                      "--pruner", "median", *SEARCH_TINY]) == 0  # 3 trials kept: figures
-    return out, evaluated
+    return out, evaluated, listed[0]
 
 
 def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_split(searched):
-    out, evaluated = searched
+    out, evaluated, _ = searched
     assert evaluated and set(evaluated) == {32}  # the 32 validation images; the test has 48
     check_search(out, 4, 3)
     for run in out.glob("trials/trial-*/epochs-*"):
@@ -51,6 +65,14 @@ def test_a_search_chooses_on_validation_images_and_never_evaluates_the_test_spli
         assert "val_top1" in header and not [c for c in header if c.startswith("test_")]
         assert json.loads((run / "config.json").read_text())["execution"]["test_split"] is False
         assert json.loads((run / "summary.json").read_text())["test_top1"] is None
+
+
+def test_a_running_search_lists_its_finished_trials_in_its_folder(searched):
+    """While it runs, as trials end, the folder's trials.csv (and page) say what is known."""
+    out, _, listed = searched
+    finished = [r for r in listed if r["state"] in ("COMPLETE", "PRUNED")]
+    assert 1 <= len(finished) < 4
+    assert {r["number"] for r in finished} <= {r["number"] for r in search_trials(out)}
 
 
 def test_each_rung_is_a_complete_schedule_and_the_pruner_sees_only_its_end(searched):
@@ -61,7 +83,7 @@ def test_each_rung_is_a_complete_schedule_and_the_pruner_sees_only_its_end(searc
 
     from resnet_study.search.storage import open_storage
 
-    out, _ = searched
+    out, *_ = searched
     storage = open_storage(None, out, "s")
     trials = optuna.load_study(study_name="s", storage=storage.optuna).get_trials()
     assert len(trials) == 4 and trials[0].state.name == "COMPLETE"  # the first 3 go on
@@ -80,7 +102,7 @@ def test_each_rung_is_a_complete_schedule_and_the_pruner_sees_only_its_end(searc
 
 def test_the_papers_rows_that_fit_the_space_come_first(searched):
     """Of the paper's rows, the space above expresses the base model (SGD at 0.01) and Adam."""
-    out, _ = searched
+    out, *_ = searched
     rows = search_trials(out)
     assert [r["paper_row"] for r in rows[:2]] == ["resnet18-lr0.01", "resnet18-adam"]
     assert not any(r["paper_row"] for r in rows[2:])
@@ -88,7 +110,7 @@ def test_the_papers_rows_that_fit_the_space_come_first(searched):
 
 
 def test_the_search_writes_its_best_as_an_experiment_and_draws_optunas_figures(searched, capsys):
-    out, _ = searched
+    out, *_ = searched
     rows = [r for r in search_trials(out) if r["state"] == "COMPLETE"]
     best = max(rows, key=lambda r: float(r["value"]))
     entry = tomllib.loads((out / "best.toml").read_text())
@@ -106,7 +128,7 @@ def test_the_search_writes_its_best_as_an_experiment_and_draws_optunas_figures(s
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
-    out, _ = searched
+    out, *_ = searched
     shot = tmp_path / "page.png"
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--no-first-run",
@@ -118,7 +140,7 @@ def test_the_search_page_renders_in_a_real_browser(searched, tmp_path):
 
 
 def test_a_folder_holding_another_search_is_refused_with_the_difference(searched, space, capsys):
-    out, _ = searched
+    out, *_ = searched
     same = ["--trials", "4", "--test-subset", "48", "--pruner", "median", *SEARCH_TINY]
     assert main(["search", "--space", str(space), "--out", str(out), "--epochs", "4",
                  "--min-epochs", "1", *same]) == 2
@@ -140,7 +162,7 @@ def test_its_journal_alone_goes_on_elsewhere_even_from_before_a_setting_existed(
     """The journal is a search's whole state: copied alone into a folder of the same name, the
     same command goes on there. Stored by a version before `ema_horizon` existed, it is still
     this search; the setting at another value than its default is not."""
-    out, _ = searched
+    out, *_ = searched
     moved = tmp_path / out.name
     moved.mkdir()
     ops = [json.loads(line) for line in (out / "journal.log").read_text().splitlines()]

@@ -3,7 +3,8 @@
 The workers (`trials.work`) are this process for `--workers 1`, else that many of the pool
 that runs a study's runs (`workers`), and they stop as a study's do; this process follows the
 search through its storage, with a progress bar (the trials done of those asked for, and an
-ETA) and one line per finished trial, whoever ran it.
+ETA) and one line per finished trial, whoever ran it, and rewrites the folder's outputs as
+trials end, so that a search of many hours can be read while it runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -26,6 +28,7 @@ from .storage import open_storage
 from .trials import Search, counted, open_study, outcome, work
 
 POLL_SECONDS = 2.0
+OUTPUTS_SECONDS = 300.0  # how often, at most, outputs are rewritten as trials end (figures cost)
 
 
 def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
@@ -44,7 +47,8 @@ def run_search(search: Search, workers: int = 1, quiet: bool = False) -> dict:
     storage = open_storage(search.storage, search.out, search.name)
     study = open_study(search, storage, len(images.classes))  # refuses another search here
     deadline = time.time() + search.timeout if search.timeout else None
-    progress = Progress(study, search.trials, quiet)
+    progress = Progress(study, search.trials, quiet,
+                        outputs=lambda: write_outputs(search, study, images))
     with progress:
         if workers == 1:
             work(search, deadline)
@@ -75,10 +79,14 @@ def _work_on_worker(job: tuple[Search, float | None], worker: Worker) -> None:
 
 class Progress:
     """A progress bar over the trials asked for, and one line per trial as it finishes,
-    read from the study (so a trial of any worker, here or elsewhere, is seen)."""
+    read from the study (so a trial of any worker, here or elsewhere, is seen); after a trial
+    ends, `outputs` (the folder's trials.csv, page and best.toml) at most every
+    OUTPUTS_SECONDS. A failed write of them is one line, and the search goes on."""
 
-    def __init__(self, study: optuna.Study, total: int, quiet: bool) -> None:
-        self.study, self.total, self.quiet = study, total, quiet
+    def __init__(self, study: optuna.Study, total: int, quiet: bool,
+                 outputs: Callable[[], object]) -> None:
+        self.study, self.total, self.quiet, self.outputs = study, total, quiet, outputs
+        self.written = time.monotonic()
         self.seen = {t.number for t in self._finished()}
         self.bar = tqdm(total=total, initial=min(total, len(self.seen)), unit="trial",
                         desc="search", disable=quiet, dynamic_ncols=True)
@@ -101,17 +109,26 @@ class Progress:
 
     def _follow(self) -> None:
         while not self.stop.wait(POLL_SECONDS):
-            self._update()
+            if self._update() and time.monotonic() - self.written >= OUTPUTS_SECONDS:
+                self.written = time.monotonic()
+                try:
+                    self.outputs()
+                except Exception as e:  # the final write, after the trials, still says why
+                    self._say(f"search: the outputs so far were not written ({one_line(e)}); "
+                              "the search goes on")
 
-    def _update(self) -> None:
-        for t in self._finished():
-            if t.number in self.seen:
-                continue
+    def _update(self) -> bool:
+        """Report the trials finished since the last call; whether there were any."""
+        new = [t for t in self._finished() if t.number not in self.seen]
+        for t in new:
             self.seen.add(t.number)
             if counted(t):
                 self.bar.update()
-            (tqdm.write if not self.quiet else lambda m: print(m, file=sys.stderr))(
-                trial_line(t))
+            self._say(trial_line(t))
+        return bool(new)
+
+    def _say(self, line: str) -> None:
+        (tqdm.write if not self.quiet else lambda m: print(m, file=sys.stderr))(line)
 
 
 def trial_line(t: optuna.trial.FrozenTrial) -> str:
