@@ -170,13 +170,13 @@ class Clock:
     def epoch(self, run: Run, row: dict) -> float | None:
         """Count an epoch of `run` done. The whole study's estimated wall time, once: from the
         first epoch measured (None after)."""
+        total = None
+        if self.seconds_per_cost is None:
+            self.seconds_per_cost = row["epoch_seconds"] / self.per_epoch[run.label]
+            total = self.seconds_per_cost * sum(self.left.values()) / self.workers
         self.done += self.per_epoch[run.label]
         self.left[run.label] = max(0.0, self.left[run.label] - self.per_epoch[run.label])
-        if self.seconds_per_cost is not None:
-            return None
-        self.seconds_per_cost = row["epoch_seconds"] / self.per_epoch[run.label]
-        return self.seconds_per_cost * (sum(self.left.values()) + self.per_epoch[run.label]) \
-            / self.workers
+        return total
 
     def estimate(self, run: Run) -> float:
         """The estimated wall time of all that is left of `run`, at the first epoch's pace."""
@@ -306,7 +306,7 @@ class _Progress:
         if total is None:
             return
         self.log(f"study: about {_duration(total)} in all on this machine ({run.label} about "
-                 f"{_duration(self.clock.estimate(run))}), from its first epoch "
+                 f"{_duration(self.clock.estimate(run))} more), from its first epoch "
                  f"({row['epoch_seconds']:.1f} s)")
         if total > 3600 and self.on_cpu:
             self.log("study: that is long on a CPU: add --quick for a short try of every "
