@@ -77,3 +77,29 @@ def test_a_held_run_folder_stops_every_rank_at_once_with_one_line(tmp_path):
                           result.stderr)
     assert len(refusals) == 2 and len(set(refusals)) == 1, result.stderr[-3000:]
     assert not (out / "config.json").exists()
+
+
+def test_leaving_the_group_collects_a_ddp_wrapper_left_in_a_reference_cycle():
+    """A run's DDP wrapper outlives `train` in a reference cycle and holds the gloo group;
+    collected only at interpreter exit, it aborted a rank after its run had ended well (CI,
+    SIGABRT). `leave` collects it while Python is whole."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from resnet_study.ranks import leave
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cycle = {"ddp": nn.parallel.DistributedDataParallel(nn.Linear(2, 2))}
+    cycle["self"] = cycle
+    wrapper = weakref.ref(cycle["ddp"])
+    del cycle
+    gc.disable()  # as between two automatic collections
+    try:
+        assert wrapper() is not None
+        leave()
+        assert wrapper() is None and not dist.is_initialized()
+    finally:
+        gc.enable()
