@@ -57,7 +57,7 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 def test_a_signal_checkpoints_mid_epoch_and_the_resumed_run_is_exact(reference, tmp_path):
     """SIGTERM, as a scheduler sends it; SIGINT goes to the same handler (`StopRequest`), and
-    reaches a study's workers from the terminal in the test below."""
+    reaches a search's workers from the terminal in `test_search_stops.py`."""
     sig = signal.SIGTERM
     out = tmp_path / "run"
     proc = subprocess.Popen(train_command(out), stderr=subprocess.PIPE, text=True)
