@@ -76,47 +76,47 @@ def test_a_signal_checkpoints_mid_epoch_and_the_resumed_run_is_exact(reference, 
     assert metrics(out) == reference
 
 
-def wait_for_epoch(out: Path, proc: subprocess.Popen, epoch: int) -> None:
-    """Until the run is in `epoch`: its config written (the first), or the epoch before done."""
-    def there() -> bool:
-        if epoch == 1:
-            return (out / "config.json").exists()
-        return (out / "metrics.csv").exists() and len(metrics(out)) >= epoch - 1
-
-    while proc.poll() is None and not there():
-        time.sleep(0.005)
+def kill_when(out: Path, moment) -> str:
+    """Start the run (resuming if it has a checkpoint), SIGKILL it once `moment(proc)` returns,
+    check that every file it left is whole, and say where it was."""
+    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+    proc = subprocess.Popen(train_command(out, *resume), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    moment(proc)
+    proc.kill()
+    proc.wait()
+    assert_every_file_whole(out)
+    done = len(metrics(out)) if (out / "metrics.csv").exists() else 0
+    return f"after {done} epoch(s), {'a' if (out / 'checkpoint.pt').exists() else 'no'} checkpoint"
 
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_metrics(reference, tmp_path):
-    """Killed inside a checkpoint write, and at a random moment of the first and of the second
-    epoch: each resumed run ends as the uninterrupted one. The moments follow the run's own
-    files, not the clock, so a loaded machine moves none of them past the run's end."""
+    """One run killed three times, each time rerun by the same command (with --resume once it
+    has a checkpoint): at a random moment of its first epoch, inside its first checkpoint write,
+    and at a random moment of its second epoch. It ends as the uninterrupted run. The moments
+    follow the run's own files, not the clock, so a loaded machine moves none of them past the
+    run's end; the runs between kills are the first start's reruns, as a user's would be."""
     rng = random.Random(0)
-    points = []
-    for trial in range(3):
-        out = tmp_path / f"trial-{trial}"
-        proc = subprocess.Popen(train_command(out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        if trial == 0:  # inside a checkpoint write: kill as soon as its temp file appears
-            while not list(out.glob(".checkpoint.pt.*.tmp")) and proc.poll() is None:
+    out = tmp_path / "run"
+
+    def until(pattern: str, pause: bool):
+        def moment(proc: subprocess.Popen) -> None:
+            while proc.poll() is None and not list(out.glob(pattern)):
                 time.sleep(0.0005)
-        else:  # at a random moment of epoch `trial`
-            wait_for_epoch(out, proc, trial)
-            time.sleep(rng.uniform(0.05, 0.3))
-        proc.kill()
-        proc.wait()
-        done = len(metrics(out)) if (out / "metrics.csv").exists() else 0
-        points.append("during a checkpoint write" if trial == 0 else
-                      f"after {done} epoch(s), "
-                      f"{'a' if (out / 'checkpoint.pt').exists() else 'no'} checkpoint")
-        assert_every_file_whole(out)
-        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-        subprocess.run(train_command(out, *resume), check=True, capture_output=True)
-        assert metrics(out) == reference, f"trial {trial} ({points[-1]})"
-        assert not list(out.glob(".*.tmp"))
+            if pause:
+                time.sleep(rng.uniform(0.05, 0.3))
+        return moment
+
+    points = [kill_when(out, until("config.json", pause=True)),  # in epoch 1
+              "during a checkpoint write, "
+              + kill_when(out, until(".checkpoint.pt.*.tmp", pause=False)),
+              kill_when(out, until("checkpoint.pt", pause=True))]  # in epoch 2
     print("SIGKILL points:", points)
-    assert len(set(points)) >= 3
+    assert len(set(points)) == 3 and "a checkpoint" in points[-1], points
+    subprocess.run(train_command(out, "--resume"), check=True, capture_output=True)
+    assert metrics(out) == reference, points
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow
