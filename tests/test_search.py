@@ -160,15 +160,27 @@ def test_a_folder_holding_another_search_is_refused_with_the_difference(searched
 def test_its_journal_alone_goes_on_elsewhere_even_from_before_a_setting_existed(
         searched, space, tmp_path, capsys):
     """The journal is a search's whole state: copied alone into a folder of the same name, the
-    same command goes on there. Stored by a version before `ema_horizon` existed, it is still
+    same command goes on there. A trial that was still in its last rung (its process gone with
+    its machine) is retried, its ended rung taken from the journal: only the last rung trains,
+    to the same value. Stored by a version before `ema_horizon` existed, the journal is still
     this search; the setting at another value than its default is not."""
+    import optuna
+
+    from resnet_study.search.storage import open_storage
+
     out, *_ = searched
+    trials = optuna.load_study(study_name="s", storage=open_storage(None, out, "s").optuna
+                               ).get_trials()
+    died = max((t for t in trials if t.state.name == "COMPLETE"),
+               key=lambda t: t.intermediate_values[1])  # one the pruner keeps on any retry
     moved = tmp_path / out.name
     moved.mkdir()
     ops = [json.loads(line) for line in (out / "journal.log").read_text().splitlines()]
     for op in ops:
         if "definition" in op.get("user_attr", {}):
             del op["user_attr"]["definition"]["recipe"]["train"]["ema_horizon"]
+    ops = [op for op in ops if not (op.get("trial_id") == died.number and (  # its end unwritten
+        op.get("state") == 1 or op.get("user_attr") == {"outcome": "completed"}))]
     (moved / "journal.log").write_text("".join(json.dumps(op) + "\n" for op in ops))
     command = ["search", "--space", str(space), "--out", str(moved), "--trials", "4",
                "--epochs", "3", "--min-epochs", "1", "--test-subset", "48", "--pruner", "median",
@@ -177,8 +189,14 @@ def test_its_journal_alone_goes_on_elsewhere_even_from_before_a_setting_existed(
     assert ("holds another search (recipe.train.ema_horizon: 0.0, not 0.5)"
             in capsys.readouterr().err)
     assert main(command) == 0
-    assert [(r["number"], r["value"]) for r in search_trials(moved)] == [
-        (r["number"], r["value"]) for r in search_trials(out)]
+    rows = search_trials(moved)
+    retry = rows[-1]
+    assert rows[died.number]["state"] == "FAIL" and retry["retry_of"] == str(died.number)
+    assert retry["state"] == "COMPLETE" and float(retry["value"]) == died.value
+    rungs = {p.name for p in (moved / retry["run"]).parent.glob("epochs-*")}
+    assert rungs == {"epochs-003"}  # the 1-epoch rung was not trained again
+    assert [(r["number"], r["value"]) for r in rows[:-1] if r is not rows[died.number]] == [
+        (r["number"], r["value"]) for r in search_trials(out) if r["number"] != str(died.number)]
 
 
 @pytest.mark.parametrize("args, message", [

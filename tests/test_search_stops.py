@@ -83,8 +83,30 @@ def test_a_search_stopped_each_way_goes_on_to_exactly_its_trials(space, tmp_path
     assert main(command[1:]) == 0  # the same command, in this process
     rows = check_search(out, 2, EPOCHS)
     assert {out / r["run"] for r in rows} == stopped
-    assert sum(r["state"] == "FAIL" for r in rows) == 2 * len(SEARCH_STOPS)  # each stop, each trial
+    failed = [r["outcome"] for r in rows if r["state"] == "FAIL"]
+    assert failed == ["stopped"] * 2 * len(SEARCH_STOPS), failed  # each stop, each trial
     for run in stopped:
         log = (run / "log.txt").read_text()
         assert f"epochs 1-{EPOCHS} of {EPOCHS}" in log
         assert log.count(f"of {EPOCHS}\n") == 1 + len(SEARCH_STOPS)  # started, then resumed
+
+
+def test_a_stopped_trial_is_retried_however_often_a_dead_one_max_retries_times():
+    """A search stopped and rerun session after session keeps its trials; a trial whose process
+    keeps dying (a crash, SIGKILL of the worker itself) is given up after MAX_RETRIES."""
+    import optuna
+
+    from resnet_study.search.storage import MAX_RETRIES, retry
+
+    study = optuna.create_study()
+    for outcome, deaths in (("stopped", MAX_RETRIES), ("running", MAX_RETRIES - 1),
+                            ("running", MAX_RETRIES)):
+        study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.FAIL, params={"x": 1.0},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+            user_attrs={"outcome": outcome, "deaths": deaths}))
+    for trial in study.get_trials():
+        retry(study, trial)
+    queued = [t for t in study.get_trials() if t.state.name == "WAITING"]
+    assert [(t.system_attrs["failed_trial"], t.user_attrs["deaths"]) for t in queued] == [
+        (0, MAX_RETRIES), (1, MAX_RETRIES)]

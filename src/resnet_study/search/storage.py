@@ -7,11 +7,14 @@ Two things are added to what Optuna gives, both for several workers on one searc
 - on the journal, which has no heartbeat, a trial left RUNNING is known dead when no process
   holds its run folder's lock (`RunFolder`): a live trial holds it from before it leaves the
   claim until it is told. PostgreSQL trials use Optuna's heartbeat instead.
+Either way the trial is queued again (`retry`): a stopped one however often, a dead one up to
+MAX_RETRIES times.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -22,13 +25,13 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import UsageError
 
 HEARTBEAT_SECONDS = 10  # a PostgreSQL trial's heartbeat; one silent for GRACE_SECONDS is dead
 GRACE_SECONDS = 60
-MAX_RETRIES = 3  # of a trial whose process died
+MAX_RETRIES = 3  # of a trial whose process died, not of one stopped
 
 
 @dataclasses.dataclass
@@ -79,12 +82,25 @@ class Storage:
             trial_id = self.optuna.get_trial_id_from_study_id_trial_number(
                 self.optuna.get_study_id_from_name(study.study_name), trial.number)
             if self.optuna.set_trial_state_values(trial_id, TrialState.FAIL):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    retry = RetryHeartbeatStaleTrialCallback(MAX_RETRIES)
                 retry(study, self.optuna.get_trial(trial_id))
                 dead.append(trial.number)
         return dead
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a trial whose process is gone again, with its parameters and user attributes
+    (Optuna's retry). One stopped by SIGTERM or Ctrl-C (it wrote its checkpoint) however often:
+    stopping and rerunning is how a search of many hours goes on across sessions. One that died
+    (SIGKILL, a lost machine, a crash) up to MAX_RETRIES times, counted in its `deaths`."""
+    if trial.user_attrs.get("outcome") != "stopped":
+        deaths = trial.user_attrs.get("deaths", 0) + 1
+        if deaths > MAX_RETRIES:
+            return
+        trial = copy.copy(trial)
+        trial.user_attrs = {**trial.user_attrs, "deaths": deaths}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback()(study, trial)
 
 
 @contextlib.contextmanager
@@ -148,7 +164,7 @@ def open_storage(url: str | None, folder: Path, name: str) -> Storage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRIES),
+                heartbeat_stale_trial_callback=retry,
                 engine_kwargs={"pool_pre_ping": True})
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())[:200]

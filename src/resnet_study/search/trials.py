@@ -110,7 +110,8 @@ def _warn(message: str) -> None:
 
 def outcome(trial: optuna.trial.FrozenTrial) -> str:
     """What became of a trial: completed, pruned after a rung's schedule, over budget, diverged,
-    failed (with the error), or dead: failed by Optuna's heartbeat check, or by the journal's."""
+    failed (with the error), stopped (by SIGTERM or Ctrl-C), or dead: failed by Optuna's
+    heartbeat check, or by the journal's."""
     said = trial.user_attrs.get("outcome", "")
     if trial.state == TrialState.FAIL and said in ("", "running"):
         return "dead (its process ended)"
@@ -237,7 +238,11 @@ class Objective:
         trial.set_user_attr("outcome", "running")  # a retry's copy said "dead"
         self.held.enter_context(folder.hold())
         self.claim.done()  # only now: a trial with a free folder is a dead one
-        return self._run(trial, folder)
+        try:
+            return self._run(trial, folder)
+        except Interrupted:  # its checkpoint written: not dead, and retried however often
+            trial.set_user_attr("outcome", "stopped")
+            raise
 
     def _run(self, trial: optuna.Trial, folder: RunFolder) -> float:
         search = self.search
@@ -264,6 +269,8 @@ class Objective:
                                         f"its {epochs}-epoch schedule")
             if epochs == search.rungs[-1]:
                 break
+            trial.set_user_attr(rung_name(epochs), {  # for a retry elsewhere (`_rung`)
+                "val_top1": summary["val_top1"], "train_seconds": summary.get("train_seconds")})
             trial.report(summary["val_top1"], epochs)
             if trial.should_prune():
                 return self._end(trial, f"pruned after its {epochs}-epoch schedule",
@@ -272,10 +279,16 @@ class Objective:
 
     def _rung(self, trial: optuna.Trial, folder: RunFolder, exp: Experiment) -> dict:
         """One rung's complete schedule, in its own run folder inside the trial's: trained,
-        resumed, or read back where a retried trial had finished it."""
-        rung = RunFolder(folder.path / f"epochs-{exp.train.epochs:03d}")
+        resumed, or read back where a retried trial had finished it: from the folder, or,
+        where the folder did not come with the journal (another machine), from the storage.
+        Each rung is its own schedule from scratch, so a rung that ended need never run again."""
+        epochs = exp.train.epochs
+        rung = RunFolder(folder.path / rung_name(epochs))
         name = str(rung.path.relative_to(self.search.out))
         trial.set_user_attr("rung", name)
+        ended = trial.user_attrs.get(rung_name(epochs))  # a retry's copy of what its trial ended
+        if ended is not None and rung.state() == "absent":
+            return {"status": "completed", "epochs": epochs, "from_storage": True, **ended}
         tracking = self.search.tracking(name.removeprefix("trials/"), trial=str(trial.number),
                                         rung_epochs=str(exp.train.epochs))
         with rung.hold(), rung.log_lines() as log:  # the rung's lines, in its folder
@@ -293,6 +306,11 @@ class Objective:
         if value is not None:
             return value
         raise error or NotTrained(what)
+
+
+def rung_name(epochs: int) -> str:
+    """A rung's run folder in its trial's, and the trial's record of it once it has ended."""
+    return f"epochs-{epochs:03d}"
 
 
 def work(search: Search, deadline: float | None = None) -> None:
