@@ -288,7 +288,7 @@ class Objective:
         trial.set_user_attr("rung", name)
         ended = trial.user_attrs.get(rung_name(epochs))  # a retry's copy of what its trial ended
         if ended is not None and rung.state() == "absent":
-            return {"status": "completed", "epochs": epochs, "from_storage": True, **ended}
+            return {"status": "completed", "epochs": epochs, **ended}
         tracking = self.search.tracking(name.removeprefix("trials/"), trial=str(trial.number),
                                         rung_epochs=str(exp.train.epochs))
         with rung.hold(), rung.log_lines() as log:  # the rung's lines, in its folder
