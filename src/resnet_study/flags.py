@@ -129,7 +129,7 @@ def _add_study(sub) -> None:
                    help="add a group of experiments (literature: WRN-16-8 and ResNet-110, "
                         "each with its published recipe and with the paper's; improved: this "
                         "study's improved ResNet-18s; improved-ablation: the base-cost one with "
-                        "one part put back at a time; improved-v1: issue 20's base-cost one; "
+                        "one part put back at a time; improved-v1: issue 20's two; "
                         "own: the entries of --experiments "
                         "files that name no group)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per experiment")
