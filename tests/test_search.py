@@ -318,6 +318,16 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
     assert "50 configurations in a row cost more than --max-gflop-per-image 0.5" in (
         capsys.readouterr().err)
     assert not list(out.glob("trials/**/checkpoint.pt"))
+    # Pruned without a value, not failed: TPE ranks them last, and so learns the budget.
+    import optuna
+
+    from resnet_study.search.storage import open_storage
+
+    trials = optuna.load_study(study_name="s", storage=open_storage(None, out, "s").optuna
+                               ).get_trials()
+    assert len(trials) == 50 and {t.state.name for t in trials} == {"PRUNED"}
+    assert all(t.user_attrs["outcome"].startswith("over budget: ")
+               and not t.intermediate_values for t in trials)
 
 
 @pytest.mark.parametrize("name", ["resnet18-adam", "improved-resnet18", "mine", "nesterov"])

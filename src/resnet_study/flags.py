@@ -166,7 +166,8 @@ def _add_search(sub) -> None:
     p.add_argument("--space", type=Path, help="a search space file (default: the shipped one, "
                    "the paper's knobs; docs/search.md)")
     p.add_argument("--trials", type=int, default=20,
-                   help="trials in all (pruned ones count; a rerun goes on to this number)")
+                   help="trials in all (pruned ones count, draws over --max-gflop-per-image "
+                        "do not; a rerun goes on to this number)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="postgresql://user:password@host:port/database to share "

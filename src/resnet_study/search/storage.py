@@ -32,6 +32,7 @@ from ..errors import UsageError
 HEARTBEAT_SECONDS = 10  # a PostgreSQL trial's heartbeat; one silent for GRACE_SECONDS is dead
 GRACE_SECONDS = 60
 MAX_RETRIES = 3  # of a trial whose process died, not of one stopped
+STOPPED = "stopped"  # the outcome of a trial that SIGTERM or Ctrl-C stopped at a checkpoint
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     (Optuna's retry). One stopped by SIGTERM or Ctrl-C (it wrote its checkpoint) however often:
     stopping and rerunning is how a search of many hours goes on across sessions. One that died
     (SIGKILL, a lost machine, a crash) up to MAX_RETRIES times, counted in its `deaths`."""
-    if trial.user_attrs.get("outcome") != "stopped":
+    if trial.user_attrs.get("outcome") != STOPPED:
         deaths = trial.user_attrs.get("deaths", 0) + 1
         if deaths > MAX_RETRIES:
             return

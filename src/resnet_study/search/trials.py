@@ -40,7 +40,7 @@ from ..training.run_folder import RunFolder
 from ..training.trackers import Tracking, tag_runs
 from ..training.train import run_in_folder
 from .space import Space
-from .storage import Claim, Storage, open_storage
+from .storage import STOPPED, Claim, Storage, open_storage
 
 OBJECTIVE = "validation top-1 at the end of the longest schedule (maximised)"
 REDUCTION = 3  # each rung's schedule is 3x the last's; a third of its trials go on to the next
@@ -48,6 +48,7 @@ REDUCTION = 3  # each rung's schedule is 3x the last's; a third of its trials go
 # configuration over --max-gflop-per-image is never trained, so it counts for nothing.
 COUNTED = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING}
 SPENT_FAILURES = ("diverged", "failed")
+OVER_BUDGET = "over budget"
 MAX_OVER_BUDGET = 50
 WAIT_SECONDS = 2  # between looks at other workers' running trials, once all are started
 
@@ -119,6 +120,8 @@ def outcome(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    if outcome(trial).startswith(OVER_BUDGET):
+        return False
     return trial.state in COUNTED or (trial.state == TrialState.FAIL
                                       and outcome(trial).startswith(SPENT_FAILURES))
 
@@ -241,7 +244,7 @@ class Objective:
         try:
             return self._run(trial, folder)
         except Interrupted:  # its checkpoint written: not dead, and retried however often
-            trial.set_user_attr("outcome", "stopped")
+            trial.set_user_attr("outcome", STOPPED)
             raise
 
     def _run(self, trial: optuna.Trial, folder: RunFolder) -> float:
@@ -254,8 +257,11 @@ class Objective:
         gflop = training_flops(exp.model, self.classes) / 1e9
         trial.set_user_attr("gflop_per_image", gflop)
         if search.max_gflop and gflop > search.max_gflop:
-            return self._end(trial, f"over budget: {gflop:.3f} GFLOP per image, more than "
-                                    f"--max-gflop-per-image {search.max_gflop:g}; not trained")
+            # Pruned, not failed: TPE ranks a pruned trial that reported nothing below every
+            # other, and so learns where the budget lies; it never sees a failed one.
+            return self._end(trial, f"{OVER_BUDGET}: {gflop:.3f} GFLOP per image, more than "
+                                    f"--max-gflop-per-image {search.max_gflop:g}; not trained",
+                             optuna.TrialPruned(OVER_BUDGET))
         seconds = 0.0
         for epochs in search.rungs:
             summary = self._rung(trial, folder, exp.replace(epochs=epochs))
@@ -333,7 +339,7 @@ def work(search: Search, deadline: float | None = None) -> None:
             if ran == "done":
                 return
             if ran != "waited":
-                over_budget = over_budget + 1 if outcome(ran).startswith("over budget") else 0
+                over_budget = over_budget + 1 if outcome(ran).startswith(OVER_BUDGET) else 0
             if over_budget >= MAX_OVER_BUDGET:
                 raise UsageError(f"{MAX_OVER_BUDGET} configurations in a row cost more than "
                                  f"--max-gflop-per-image {search.max_gflop:g}: raise it, or take "
