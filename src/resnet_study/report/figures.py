@@ -50,8 +50,8 @@ FIGURES = {  # the paper's own groupings of loss curves, then the literature row
                                   "model and the New Wide ResNet-18",
                                   [*REFERENCES, "wrn-16-8", "resnet-110"],
                                   ("wrn-16-8", "resnet-110")),
-    "improved": Panel("The improved ResNet-18", "This study's presets, against the base model, "
-                      "Adam and the New Wide ResNet-18",
+    "improved": Panel("The improved ResNet-18", "This study's presets, against the paper's "
+                      "rows run beside them",
                       [*IMPROVED, "resnet18-lr0.01", "resnet18-adam",
                        "new-wide-resnet18"],
                       tuple(IMPROVED)),
