@@ -17,10 +17,12 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
+    graph_checks = ("SGD", "Adam + clip", "improved-resnet18 (", "improved-resnet18-wide (",
+                    "SGD on mixup's and CutMix's soft targets")
     for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume",
-                  "CUDA graph step, SGD", "CUDA graph step, Adam + clip"):
-        assert f"{check}" in summary and "FAILED" not in summary
-    assert summary.count("4 steps uncaptured vs eager") == 2
+                  *(f"CUDA graph step, {c}" for c in graph_checks)):
+        assert check in summary and "FAILED" not in summary
+    assert summary.count("4 steps uncaptured vs eager") == len(graph_checks)
     for mode in ("eager", "graphs"):
         assert f"bench {mode} (img/s)" in summary and f"bench {mode} (model TFLOP/s)" in summary
     assert "graphs / eager" in summary
