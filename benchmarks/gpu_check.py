@@ -62,9 +62,10 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5, batch: int = 6
 
 # The graph-ready step against the eager one (torch.optim's fused kernels on CUDA), for what
 # the step has gained since it was first checked on a GPU: the improved presets' 16x16 stems,
-# channels, pre-activation, norm clipping, smoothing, fast biases and moving average, and
-# mixup's and CutMix's soft targets. Dropout is off in each: its masks come from the RNG, which
-# a captured graph draws at other offsets than eager steps do, so no two runs would match.
+# channels, pre-activation, norm clipping, smoothing, fast biases and moving average, Nesterov
+# with a short warm-up, the 3x3 stride-2 stem, and mixup's and CutMix's soft targets. Dropout
+# is off in each: its masks come from the RNG, which a captured graph draws at other offsets
+# than eager steps do, so no two runs would match.
 NO_DROPOUT = {"block_dropout": 0.0, "fc_dropout": 0.0}
 GRAPH_CHECKS = {  # check: (row, its changes, soft targets)
     "SGD": ("resnet18-lr0.01", {}, False),
@@ -73,7 +74,8 @@ GRAPH_CHECKS = {  # check: (row, its changes, soft targets)
         "improved-resnet18", NO_DROPOUT, False),
     "improved-resnet18-wide (pre-activation, width 2, moving average)": (
         "improved-resnet18-wide", NO_DROPOUT, False),
-    "SGD on mixup's and CutMix's soft targets": ("resnet18-lr0.01", {}, True),
+    "Nesterov SGD, short warm-up, 3x3 stride-2 stem, on mixup's and CutMix's soft targets": (
+        "resnet18-lr0.01", {"nesterov": True, "onecycle_warmup": 0.1, "stem": "cifar-s2"}, True),
 }
 
 

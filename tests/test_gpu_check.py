@@ -18,7 +18,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     graph_checks = ("SGD", "Adam + clip", "improved-resnet18 (", "improved-resnet18-wide (",
-                    "SGD on mixup's and CutMix's soft targets")
+                    "Nesterov SGD, short warm-up, 3x3 stride-2 stem, on mixup's")
     for check in ("parameter counts", "bf16 vs fp32", "checkpoint resume",
                   *(f"CUDA graph step, {c}" for c in graph_checks)):
         assert check in summary and "FAILED" not in summary
