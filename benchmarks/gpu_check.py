@@ -174,8 +174,8 @@ def cuda_path(device_name: str, workdir: Path) -> int:
     for name, check in [("parameter counts", check_param_counts),
                         ("bf16 vs fp32", lambda: check_bf16_against_fp32(device, **bf16)),
                         ("checkpoint resume", lambda: check_resume(device, workdir)),
-                        *((f"CUDA graph step, {check}", lambda row=row: check_graph_step(
-                            device, *row, **graph)) for check, row in GRAPH_CHECKS.items())]:
+                        *((f"CUDA graph step, {what}", lambda row=row: check_graph_step(
+                            device, *row, **graph)) for what, row in GRAPH_CHECKS.items())]:
         try:
             results[name] = {"ok": True, "detail": check()}
         except Exception as e:  # report every check, then fail
