@@ -133,6 +133,43 @@ def check_graph_step(device: torch.device, name: str, changes: dict, soft: bool,
             f"them {moved('nudged'):.1e}")
 
 
+def check_graph_dropout(device: torch.device, steps: int = 12, batch: int = 64,
+                        channels: int | None = None) -> str:
+    """Dropout inside the captured step, which the checks above leave out: each replay must draw
+    new masks (a graph that kept the masks drawn at its capture would train every later step on
+    one sub-network). A forward hook copies the mask before the classifier out of each step;
+    the graph records that copy and replays it too."""
+    exp = EXPERIMENTS["improved-resnet18"].replace(**({"channels": channels} if channels else {}))
+    torch.manual_seed(0)
+    model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
+    parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)), model=model,
+                     steps_per_epoch=steps)
+    parts.log = print
+    step = steplib.GraphStep(parts, capture=device.type == "cuda")
+    dropped = []  # one static tensor, made at the first step (an eager one)
+
+    def copy_mask(module, inputs, output):
+        if not dropped:
+            dropped.append(torch.empty_like(output, dtype=torch.bool))
+        dropped[0].copy_((output == 0) & (inputs[0] != 0))
+
+    model.dropout.register_forward_hook(copy_mask)
+    masks = []
+    for _ in range(steps):
+        step(torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last),
+             torch.randint(0, 100, (batch,), device=device))
+        masks.append(dropped[0].clone())
+    captured = step.graph is not None
+    assert captured or device.type != "cuda", "the step was not captured"
+    same = sum(torch.equal(a, b) for a, b in zip(masks, masks[1:], strict=False))
+    share = torch.stack(masks).float().mean().item()
+    p = exp.model.fc_dropout
+    assert same == 0, f"{same} of {steps - 1} steps kept the mask of the step before"
+    assert p / 3 < share < 3 * p, f"{share:.3f} of the features dropped, at p = {p:.3f}"
+    return (f"{steps} steps {'captured' if captured else 'uncaptured'}: a new mask each step, "
+            f"{share:.3f} of the features dropped at p = {p:.3f}")
+
+
 class Interrupt(Exception):
     pass
 
@@ -175,7 +212,9 @@ def cuda_path(device_name: str, workdir: Path) -> int:
                         ("bf16 vs fp32", lambda: check_bf16_against_fp32(device, **bf16)),
                         ("checkpoint resume", lambda: check_resume(device, workdir)),
                         *((f"CUDA graph step, {what}", lambda row=row: check_graph_step(
-                            device, *row, **graph)) for what, row in GRAPH_CHECKS.items())]:
+                            device, *row, **graph)) for what, row in GRAPH_CHECKS.items()),
+                        ("CUDA graph step, dropout's masks", lambda: check_graph_dropout(
+                            device, **graph))]:
         try:
             results[name] = {"ok": True, "detail": check()}
         except Exception as e:  # report every check, then fail

@@ -23,6 +23,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
                   *(f"CUDA graph step, {c}" for c in graph_checks)):
         assert check in summary and "FAILED" not in summary
     assert summary.count("4 steps uncaptured vs eager") == len(graph_checks)
+    assert "CUDA graph step, dropout's masks" in summary and "a new mask each step" in summary
     for mode in ("eager", "graphs"):
         assert f"bench {mode} (img/s)" in summary and f"bench {mode} (model TFLOP/s)" in summary
     assert "graphs / eager" in summary
