@@ -219,6 +219,18 @@ def search_trials(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def journal_trials(out: Path) -> list:
+    """The trials of the search in `out` as Optuna reads them from its journal, where its
+    study is named after the folder (trials.csv is written only as trials end)."""
+    import optuna
+
+    from resnet_study.search.storage import open_storage
+
+    name = out.resolve().name
+    return optuna.load_study(study_name=name, storage=open_storage(None, out, name).optuna
+                             ).get_trials()
+
+
 def check_search(out: Path, asked: int, epochs: int) -> list[dict]:
     """The search holds `asked` finished trials with unique numbers, each with a run folder of
     its own (its last rung's) that says what the trial says: a completed trial's finished

@@ -14,7 +14,7 @@ from resnet_study.catalogue import PRESETS
 from resnet_study.cli import main
 from resnet_study.search.space import load_space
 
-from .helpers import SEARCH_SPACE, SEARCH_TINY, check_search, search_trials
+from .helpers import SEARCH_SPACE, SEARCH_TINY, check_search, journal_trials, search_trials
 
 EXPERIMENTS, GROUPS, get_experiment = PRESETS.experiments, PRESETS.groups(), PRESETS.get
 
@@ -79,13 +79,8 @@ def test_each_rung_is_a_complete_schedule_and_the_pruner_sees_only_its_end(searc
     """Issue 31, part 1: every trial trains a 1-epoch schedule (its one-cycle over 1 epoch) to
     its end, reports that run's validation top-1 at step 1, and only the trials the pruner
     keeps train the 3-epoch schedule, from scratch."""
-    import optuna
-
-    from resnet_study.search.storage import open_storage
-
     out, *_ = searched
-    storage = open_storage(None, out, "s")
-    trials = optuna.load_study(study_name="s", storage=storage.optuna).get_trials()
+    trials = journal_trials(out)
     assert len(trials) == 4 and trials[0].state.name == "COMPLETE"  # the first 3 go on
     for t in trials:
         short, long = (out / t.user_attrs["run"] / f"epochs-00{e}" for e in (1, 3))
@@ -164,13 +159,8 @@ def test_its_journal_alone_goes_on_elsewhere_even_from_before_a_setting_existed(
     its machine) is retried, its ended rung taken from the journal: only the last rung trains,
     to the same value. Stored by a version before `ema_horizon` existed, the journal is still
     this search; the setting at another value than its default is not."""
-    import optuna
-
-    from resnet_study.search.storage import open_storage
-
     out, *_ = searched
-    trials = optuna.load_study(study_name="s", storage=open_storage(None, out, "s").optuna
-                               ).get_trials()
+    trials = journal_trials(out)
     died = max((t for t in trials if t.state.name == "COMPLETE"),
                key=lambda t: t.intermediate_values[1])  # one the pruner keeps on any retry
     moved = tmp_path / out.name
@@ -319,12 +309,7 @@ def test_configurations_over_the_budget_are_never_trained(tmp_path, capsys):
         capsys.readouterr().err)
     assert not list(out.glob("trials/**/checkpoint.pt"))
     # Pruned without a value, not failed: TPE ranks them last, and so learns the budget.
-    import optuna
-
-    from resnet_study.search.storage import open_storage
-
-    trials = optuna.load_study(study_name="s", storage=open_storage(None, out, "s").optuna
-                               ).get_trials()
+    trials = journal_trials(out)
     assert len(trials) == 50 and {t.state.name for t in trials} == {"PRUNED"}
     assert all(t.user_attrs["outcome"].startswith("over budget: ")
                and not t.intermediate_values for t in trials)
