@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import re
@@ -60,6 +61,22 @@ def check_bf16_against_fp32(device: torch.device, steps: int = 5, batch: int = 6
     return f"{steps} steps, max |loss bf16 - loss fp32| = {diff:.4f}"
 
 
+def random_batches(device: torch.device, steps: int, batch: int,
+                   dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Noise images with CIFAR-100 labels: the steps' results are compared, not learned."""
+    return [(torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+             .to(memory_format=torch.channels_last),
+             torch.randint(0, 100, (batch,), device=device)) for _ in range(steps)]
+
+
+def assembled(exp, model: torch.nn.Module, device: torch.device, steps: int):
+    """`exp`'s training parts around `model`: one epoch of `steps` steps, in fp32."""
+    parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)), model=model,
+                     steps_per_epoch=steps)
+    parts.log = print
+    return parts
+
+
 # The graph-ready step against the eager one (torch.optim's fused kernels on CUDA), for what
 # the step has gained since it was first checked on a GPU: the improved presets' 16x16 stems,
 # channels, pre-activation, norm clipping, smoothing, fast biases and moving average, Nesterov
@@ -88,9 +105,7 @@ def check_graph_step(device: torch.device, name: str, changes: dict, soft: bool,
     yardstick: how far an eager run moves when one initial weight moves by one float32 ulp."""
     exp = EXPERIMENTS[name].replace(**changes, **({"channels": channels} if channels else {}))
     torch.manual_seed(0)
-    batches = [(torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float64)
-                .to(memory_format=torch.channels_last),
-                torch.randint(0, 100, (batch,), device=device)) for _ in range(steps)]
+    batches = random_batches(device, steps, batch, torch.float64)
     if soft:  # each row two labels' shares, as mixup and CutMix make them
         mixed = []
         for x, y in batches:
@@ -106,9 +121,7 @@ def check_graph_step(device: torch.device, name: str, changes: dict, soft: bool,
         if run == "nudged":
             with torch.no_grad():
                 model.fc.weight[0, 0] *= 1 + 2**-23
-        parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)),
-                         model=model, steps_per_epoch=steps)
-        parts.log = print
+        parts = assembled(exp, model, device, steps)
         step = (steplib.GraphStep(parts, capture=device.type == "cuda") if run == "graph"
                 else parts.step)
         for x, y in batches:
@@ -142,26 +155,20 @@ def check_graph_dropout(device: torch.device, steps: int = 12, batch: int = 64,
     exp = EXPERIMENTS["improved-resnet18"].replace(**({"channels": channels} if channels else {}))
     torch.manual_seed(0)
     model = ResNet18(exp.model).to(device, memory_format=torch.channels_last)
-    parts = assemble(exp.replace(epochs=1, precision="fp32", device=str(device)), model=model,
-                     steps_per_epoch=steps)
-    parts.log = print
-    step = steplib.GraphStep(parts, capture=device.type == "cuda")
-    dropped = []  # one static tensor, made at the first step (an eager one)
+    step = steplib.GraphStep(assembled(exp, model, device, steps), capture=device.type == "cuda")
+    dropped = torch.empty(batch, model.fc.in_features, dtype=torch.bool, device=device)
 
-    def copy_mask(module, inputs, output):
-        if not dropped:
-            dropped.append(torch.empty_like(output, dtype=torch.bool))
-        dropped[0].copy_((output == 0) & (inputs[0] != 0))
+    def copy_mask(module, inputs, output) -> None:  # None: the output stays as it is
+        dropped.copy_((output == 0) & (inputs[0] != 0))  # zeroed by dropout, not before
 
     model.dropout.register_forward_hook(copy_mask)
     masks = []
-    for _ in range(steps):
-        step(torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last),
-             torch.randint(0, 100, (batch,), device=device))
-        masks.append(dropped[0].clone())
+    for x, y in random_batches(device, steps, batch):
+        step(x, y)
+        masks.append(dropped.clone())
     captured = step.graph is not None
     assert captured or device.type != "cuda", "the step was not captured"
-    same = sum(torch.equal(a, b) for a, b in zip(masks, masks[1:], strict=False))
+    same = sum(torch.equal(a, b) for a, b in itertools.pairwise(masks))
     share = torch.stack(masks).float().mean().item()
     p = exp.model.fc_dropout
     assert same == 0, f"{same} of {steps - 1} steps kept the mask of the step before"
